@@ -1,0 +1,48 @@
+"""The public entry point: `explain(model, images, method=..., target=..., backend=..., **options)`."""
+from __future__ import annotations
+
+import torch
+
+from vitx_fast.backends.dispatch import select_backend
+from vitx_fast.explanation import Explanation
+from vitx_fast.methods.registry import get_method
+from vitx_fast.methods.targets import resolve_targets
+from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
+
+
+def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None, backend: str | None = None,
+            **options) -> Explanation:
+    """Explain a timm ViT's predictions.
+
+    model: a timm VisionTransformer (any token layout). It is not modified; eval mode is used during the call.
+    images: (B, 3, H, W) float tensor, normalised as the model expects.
+    method: one of `list_methods()`. target: None (top-1), int, list, (B,) or (B, K) tensor, or "all".
+    backend: None (fastest that can serve), or a name from `list_backends()`. options: the method's options.
+    Returns an Explanation with maps (B, h, w) or (B, K, h, w) at the method's native scale.
+    """
+    m = get_method(method)
+    opts = m.resolve_options(options)
+    adapter = ViTAdapter(model)
+    reasons = m.refusals(adapter, opts)
+    if reasons:
+        raise UnsupportedModelError(f"{method} cannot explain this model: " + "; ".join(reasons))
+    images = adapter.check_images(images)
+    be = select_backend(m, adapter, images, opts, backend)
+    impl = m.impls[be.NAME]
+    with adapter.session():
+        logits = adapter.logits(images)
+        targets = resolve_targets(target, logits, images.shape[0], method=method, multi_ok=m.multi_target,
+                                  class_agnostic=m.class_agnostic)
+        if targets.dim() == 2 and not m.multi_target:
+            # one pass per requested column; each column is an ordinary (B,) run
+            results = [impl(adapter, images, targets[:, j], opts) for j in range(targets.shape[1])]
+            maps = torch.stack([r.maps for r in results], dim=1)
+            flow = None if results[0].flow is None else torch.stack([r.flow for r in results], dim=1)
+            extras = {"per_target": [r.extras for r in results]} if results[0].extras else {}
+        else:
+            res = impl(adapter, images, targets, opts)
+            maps, flow, extras = res.maps, res.flow, res.extras
+            if res.targets is not None:
+                targets = res.targets
+    return Explanation(maps=maps, targets=targets, logits=logits, method=method, backend=be.NAME, flow=flow,
+                       options=opts, extras=extras)

@@ -1,0 +1,39 @@
+"""Backends declare what they support and explain refusals (xformers-style `not_supported_reasons`)."""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+
+class Backend:
+    NAME: ClassVar[str]
+    PRIORITY: ClassVar[int]  # lower runs first when backend=None
+    SUPPORTED_DEVICES: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    SUPPORTED_DTYPES: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+    # tolerances on min-max normalised maps, per dtype, against the reference run in float64
+    ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+    def is_available(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def not_supported_reasons(self, method, adapter, images: torch.Tensor | None, opts: dict[str, Any]) -> list[str]:
+        reasons = []
+        ok, why = self.is_available()
+        if not ok:
+            reasons.append(f"{self.NAME} backend unavailable: {why}")
+        if self.NAME not in method.impls:
+            reasons.append(f"{self.NAME} has no implementation of {method.name}")
+        device = adapter.device.type
+        if device not in self.SUPPORTED_DEVICES:
+            reasons.append(f"{self.NAME} does not run on device {device!r} (supports {self.SUPPORTED_DEVICES})")
+        if adapter.dtype not in self.SUPPORTED_DTYPES:
+            reasons.append(f"{self.NAME} does not support dtype {adapter.dtype}")
+        return reasons
+
+
+class ReferenceBackend(Backend):
+    """Plain PyTorch, readable like the papers; accepts every layout the method accepts. Always last."""
+
+    NAME = "reference"
+    PRIORITY = 100

@@ -1,0 +1,1 @@
+"""Explanation methods; importing this package registers them."""

@@ -1,0 +1,93 @@
+"""Method base class: declared options, model refusals and one implementation per backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from vitx_fast.models.timm_adapter import ViTAdapter
+
+
+@dataclass
+class MethodResult:
+    """What an implementation returns.
+
+    maps: (B, h, w) for (B,) targets, (B, K, h, w) for (B, K) targets (multi-target methods only).
+    flow: optional (B, L, h, w) per-block maps (DAAM). targets: set when the method chose them itself (SSL DAAM).
+    """
+
+    maps: torch.Tensor
+    flow: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+
+Impl = Callable[..., MethodResult]
+
+
+class Method:
+    """One explanation method. Subclasses declare options and register implementations by backend name.
+
+    Implementations have the signature `impl(adapter, images, targets, opts) -> MethodResult` with images (B, C, H, W)
+    already validated, targets (B,) long (or (B, K) when `multi_target` is True), inside `adapter.session()`.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    # option -> default; `choices` restricts some of them
+    options: ClassVar[dict[str, Any]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the map depends on no class (rollout); targets are only recorded
+    class_agnostic: ClassVar[bool] = False
+    # computes several classes per image in one pass; target="all" allowed
+    multi_target: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.impls: dict[str, Impl] = {}
+
+    # -- options
+    def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
+        given = dict(given)
+        opts = dict(self.options)
+        for preset in self.presets:
+            if given.pop(preset, False):
+                opts.update(self.presets[preset])
+                opts[preset] = True
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = sorted(set(self.options) | set(self.presets))
+            raise TypeError(f"{self.name}: unknown option(s) {unknown}; valid options: {valid}")
+        opts.update(given)
+        for key, allowed in self.choices.items():
+            if opts.get(key) not in allowed:
+                raise ValueError(f"{self.name}: {key}={opts.get(key)!r} is not one of {allowed}")
+        self.validate_options(opts)
+        return opts
+
+    def validate_options(self, opts: dict[str, Any]) -> None:
+        """Extra checks on resolved options (ranges etc.); raise ValueError."""
+
+    # -- model support
+    def needs_head(self, opts: dict[str, Any]) -> bool:
+        return not self.class_agnostic
+
+    def refusals(self, adapter: ViTAdapter, opts: dict[str, Any]) -> list[str]:
+        """Reasons this method cannot serve this model with these options (any backend)."""
+        reasons = []
+        if self.needs_head(opts) and not adapter.has_head:
+            reasons.append(f"{self.name} explains a class logit, but the model is headless (num_classes=0)")
+        return reasons
+
+    def require_class_token(self, adapter: ViTAdapter) -> list[str]:
+        if not adapter.has_class_token:
+            return [f"{self.name} reads the class token's attention row, but the model has no class token"]
+        return []
+
+    def register(self, backend: str) -> Callable[[Impl], Impl]:
+        def deco(fn: Impl) -> Impl:
+            self.impls[backend] = fn
+            return fn
+
+        return deco

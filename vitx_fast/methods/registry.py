@@ -1,0 +1,30 @@
+"""Method registry: `@register_method`, `get_method`, `list_methods`."""
+from __future__ import annotations
+
+from vitx_fast.methods.base import Method
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    inst = cls()
+    _METHODS[cls.name] = inst
+    cls.instance = inst  # type: ignore[attr-defined]
+    return cls
+
+
+def get_method(name: str) -> Method:
+    _load_builtin()
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; available methods: {list_methods()}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    _load_builtin()
+    return sorted(_METHODS)
+
+
+def _load_builtin() -> None:
+    # importing the method modules registers them
+    from vitx_fast.methods import agcam, chefer_lrp, daam, gae, reciprocam, rollout  # noqa: F401
