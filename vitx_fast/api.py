@@ -33,7 +33,14 @@ def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None
         logits = adapter.logits(images)
         targets = resolve_targets(target, logits, images.shape[0], method=method, multi_ok=m.multi_target,
                                   class_agnostic=m.class_agnostic)
-        if targets.dim() == 2 and not m.multi_target:
+        if targets.dim() == 2 and m.class_agnostic:
+            # the map does not depend on the class: compute once, repeat for the K requested targets
+            res = impl(adapter, images, targets[:, 0], opts)
+            k = targets.shape[1]
+            maps = res.maps.unsqueeze(1).expand(-1, k, *res.maps.shape[1:]).contiguous()
+            flow = None if res.flow is None else res.flow.unsqueeze(1).expand(-1, k, *res.flow.shape[1:]).contiguous()
+            extras = res.extras
+        elif targets.dim() == 2 and not m.multi_target:
             # one pass per requested column; each column is an ordinary (B,) run
             results = [impl(adapter, images, targets[:, j], opts) for j in range(targets.shape[1])]
             maps = torch.stack([r.maps for r in results], dim=1)

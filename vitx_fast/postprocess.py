@@ -1,8 +1,6 @@
 """Map post-processing shared by methods, metrics and the CLI: min-max normalisation and upsampling."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -1,0 +1,125 @@
+"""Attention Rollout: the engine against a literal port of jacobgil/vit-explain `rollout` (hooks on attn_drop)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+
+import vitx_fast as vx
+
+
+def vit_explain_rollout(model, image, discard_ratio, head_fusion):
+    """Literal port of vit-explain's VITAttentionRollout (batch 1): hooks on attn_drop, in-place discard via a view,
+    `a / a.sum(dim=-1)` broadcast, result = a @ result, mask = result[0, 0, 1:] (generalised to P prefix rows)."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    attentions = []
+    handles = [blk.attn.attn_drop.register_forward_hook(lambda mod, i, o: attentions.append(o.cpu()))
+               for blk in model.blocks]
+    with torch.no_grad():
+        model(image)
+    for h in handles:
+        h.remove()
+    result = torch.eye(attentions[0].size(-1), dtype=attentions[0].dtype)
+    with torch.no_grad():
+        for attention in attentions:
+            if head_fusion == "mean":
+                fused = attention.mean(axis=1)
+            elif head_fusion == "max":
+                fused = attention.max(axis=1)[0]
+            else:
+                fused = attention.min(axis=1)[0]
+            flat = fused.view(fused.size(0), -1)
+            _, indices = flat.topk(int(flat.size(-1) * discard_ratio), -1, False)
+            indices = indices[indices != 0]
+            flat[0, indices] = 0
+            eye = torch.eye(fused.size(-1), dtype=fused.dtype)
+            a = (fused + 1.0 * eye) / 2
+            a = a / a.sum(dim=-1)
+            result = torch.matmul(a, result)
+    P = model.num_prefix_tokens
+    return result[0, 0, P:]
+
+
+def chefer_rollout_baseline(model, image):
+    """Chefer's `Baselines.generate_rollout`: head mean, (A + I) row-normalised with keepdim, start_layer 0."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    attns = []
+    hs = [b.attn.attn_drop.register_forward_hook(lambda mod, i, o: attns.append(o)) for b in model.blocks]
+    with torch.no_grad():
+        model(image)
+    for h in hs:
+        h.remove()
+    mats = [a.mean(dim=1) for a in attns]
+    T = mats[0].shape[-1]
+    eye = torch.eye(T, dtype=mats[0].dtype).expand(1, T, T)
+    mats = [m + eye for m in mats]
+    mats = [m / m.sum(dim=-1, keepdim=True) for m in mats]
+    joint = mats[0]
+    for m in mats[1:]:
+        joint = m.bmm(joint)
+    return joint[:, 0, model.num_prefix_tokens:]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("fusion,ratio", [("mean", 0.0), ("max", 0.9), ("min", 0.5), ("mean", 0.9)])
+def test_rollout_matches_vit_explain(layout, fusion, ratio):
+    model = make_vit(layout)
+    images = make_images(model, batch=3)
+    exp = vx.explain(model, images, method="rollout", head_fusion=fusion, discard_ratio=ratio, renorm="jacobgil")
+    h, w = model.patch_embed.grid_size
+    assert exp.maps.shape == (3, h, w)
+    for b in range(3):
+        ref = vit_explain_rollout(model, images[b:b + 1], ratio, fusion).reshape(h, w)
+        # the matrix chain is the reference: bit-for-bit up to matmul association
+        torch.testing.assert_close(exp.maps[b], ref, rtol=1e-12, atol=1e-14)
+    assert_structured(exp.maps)
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "nonsquare", "distilled"])
+def test_default_equals_chefer_baseline_and_jacobgil_mean(layout):
+    model = make_vit(layout)
+    images = make_images(model, batch=2)
+    exp = vx.explain(model, images, method="rollout")
+    h, w = model.patch_embed.grid_size
+    for b in range(2):
+        torch.testing.assert_close(exp.maps[b].flatten(), chefer_rollout_baseline(model, images[b:b + 1])[0])
+        torch.testing.assert_close(exp.maps[b].flatten(), vit_explain_rollout(model, images[b:b + 1], 0.0, "mean"))
+
+
+def test_row_and_jacobgil_renorm_differ_for_max_fusion():
+    model = make_vit("plain")
+    images = make_images(model, batch=1)
+    a = vx.explain(model, images, method="rollout", head_fusion="max", renorm="row").maps
+    b = vx.explain(model, images, method="rollout", head_fusion="max", renorm="jacobgil").maps
+    assert (vx.normalize(a) - vx.normalize(b)).abs().max() > 1e-3
+
+
+def test_presets():
+    model = make_vit("plain")
+    images = make_images(model, batch=1)
+    a = vx.explain(model, images, method="rollout", jacobgil_cli=True).maps[0].flatten()
+    ref = vit_explain_rollout(model, images, 0.9, "max")
+    torch.testing.assert_close(a, ref)
+    np.testing.assert_allclose(vx.normalize(a.view(1, -1)).numpy(), vx.normalize(ref.view(1, -1)).numpy())
+
+
+def test_fused_equals_unfused_and_float32():
+    m64 = make_vit("registers")
+    x = make_images(m64, batch=2)
+    fused = make_vit("registers", fused=True)
+    assert_maps_close(vx.explain(fused, x, method="rollout").maps, vx.explain(m64, x, method="rollout").maps, 1e-10)
+    m32 = make_vit("registers", dtype=torch.float32)
+    assert_maps_close(vx.explain(m32, x.float(), method="rollout").maps, vx.explain(m64, x, method="rollout").maps, 1e-5)
+
+
+def test_bad_discard_ratio():
+    model = make_vit("plain")
+    with pytest.raises(ValueError, match="discard_ratio"):
+        vx.explain(model, make_images(model, 1), method="rollout", discard_ratio=1.0)

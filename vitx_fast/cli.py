@@ -1,0 +1,304 @@
+"""`vitx`: explain images, build the demo gallery, report what is available, export the bundled benchmark."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+class CLIError(Exception):
+    """A one-line error for the user; the CLI prints it and exits non-zero."""
+
+
+# ---------------------------------------------------------------- model loading
+def load_model(name: str, checkpoint: str | None = None, pretrained: bool | None = None):
+    """Return (model, data_config) for 'demo' or a timm model name, optionally with a local checkpoint."""
+    import timm
+
+    if name == "demo":
+        from vitx_fast.models.demo import demo_data_config, load_demo_model
+
+        model = load_demo_model()
+        if checkpoint:
+            _load_checkpoint(model, checkpoint)
+        return model, demo_data_config()
+    if not timm.is_model(name):
+        raise CLIError(f"unknown timm model {name!r} (see timm.list_models('vit*'))")
+    use_pretrained = (checkpoint is None) if pretrained is None else pretrained
+    try:
+        if checkpoint:
+            state = _read_state_dict(checkpoint)
+            kwargs = {}
+            head = state.get("head.weight")
+            if head is not None:
+                kwargs["num_classes"] = head.shape[0]
+            elif not any(k.startswith("head.") for k in state):
+                kwargs["num_classes"] = 0
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            _load_checkpoint(model, checkpoint, state)
+        else:
+            model = timm.create_model(name, pretrained=use_pretrained)
+    except CLIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - timm / hub errors become one line
+        hint = " (no network? pass --checkpoint FILE)" if use_pretrained and not checkpoint else ""
+        raise CLIError(f"cannot create {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from None
+    model.eval()
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return model, cfg
+
+
+def _read_state_dict(path: str) -> dict:
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"checkpoint not found: {path}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise CLIError(f"checkpoint {path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_checkpoint(model, path: str, state: dict | None = None) -> None:
+    state = state if state is not None else _read_state_dict(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:2]
+        raise CLIError(f"checkpoint {path} does not fit the architecture: {first[0] if first else exc}") from None
+
+
+# ---------------------------------------------------------------- images
+def find_images(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS and q.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise CLIError(f"no such file or folder: {p}")
+    if not out:
+        raise CLIError(f"no images found in {' '.join(paths)}")
+    return out
+
+
+def make_transform(cfg: dict):
+    import timm.data
+
+    return timm.data.create_transform(**{k: cfg[k] for k in ("input_size", "interpolation", "mean", "std",
+                                                              "crop_pct", "crop_mode") if k in cfg})
+
+
+def display_image(img, cfg: dict):
+    """The RGB image the model sees, as uint8 (H, W, 3), for overlays."""
+    import numpy as np
+    import torchvision.transforms as T
+
+    size = cfg["input_size"][-2:]
+    crop_pct = cfg.get("crop_pct", 1.0) or 1.0
+    scale = int(size[0] / crop_pct)
+    tf = T.Compose([T.Resize(scale), T.CenterCrop(size)]) if crop_pct < 1.0 else T.Resize(tuple(size))
+    return np.asarray(tf(img.convert("RGB")))
+
+
+def _ensure_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vitx-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CLIError(f"cannot write to output folder {out}: {exc.strerror or exc}") from None
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _methods(arg: list[str] | None) -> list[str]:
+    import vitx_fast as vx
+
+    available = vx.list_methods()
+    if not arg:
+        return ["reciprocam"]
+    if arg == ["all"]:
+        return available
+    for m in arg:
+        if m not in available:
+            raise CLIError(f"unknown method {m!r}; available: {', '.join(available)}")
+    return arg
+
+
+# ---------------------------------------------------------------- commands
+def cmd_explain(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    import vitx_fast as vx
+    from vitx_fast import viz
+
+    methods = _methods(args.method)
+    out = Path(args.out)
+    _ensure_writable(out)
+    files = find_images(args.paths)
+    model, cfg = load_model(args.model, args.checkpoint)
+    transform = make_transform(cfg)
+    target = _parse_target(args.target)
+    failed = 0
+    for f in tqdm(files, desc="explain", unit="img", disable=args.quiet):
+        stem = out / f.stem
+        if (stem.parent / (f.stem + ".npz")).exists() and not args.overwrite:
+            continue  # resumable: finished images are kept
+        try:
+            with Image.open(f) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - an unreadable image is reported and skipped
+            tqdm.write(f"skipped {f}: unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0]})",
+                       file=sys.stderr)
+            failed += 1
+            continue
+        x = transform(rgb).unsqueeze(0).to(next(model.parameters()).dtype)
+        shown = display_image(rgb, cfg)
+        tiles, labels, arrays, logits = [shown], ["image"], {}, None
+        for m in methods:
+            try:
+                exp = vx.explain(model, x, method=m, target=target)
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                tqdm.write(f"{f.name}: {m} skipped: {exc}", file=sys.stderr)
+                continue
+            logits = exp.logits
+            maps = exp.maps[0] if exp.maps.dim() == 3 else exp.maps[0, 0]
+            arrays[m] = exp.maps[0].detach().float().cpu().numpy()
+            arrays[f"{m}_targets"] = exp.targets[0].cpu().numpy()
+            ov = viz.overlay(shown, maps)
+            viz.save_png(ov, out / f"{f.stem}_{m}.png")
+            tiles.append(ov)
+            labels.append(f"{m} c={int(exp.targets.flatten()[0])}")
+            if exp.flow is not None:
+                flow = exp.flow[0] if exp.flow.dim() == 4 else exp.flow[0, 0]
+                arrays[f"{m}_flow"] = flow.detach().float().cpu().numpy()
+                strip = [viz.overlay(shown, flow[b]) for b in range(flow.shape[0])]
+                viz.save_png(viz.labeled_row(strip, [f"block {b}" for b in range(len(strip))]),
+                             out / f"{f.stem}_{m}_flow.png")
+        if logits is not None:
+            arrays["logits"] = logits[0].float().cpu().numpy()
+        viz.save_png(viz.labeled_row(tiles, labels), out / f"{f.stem}_grid.png")
+        _save_npz(out / f"{f.stem}.npz", **arrays)
+    n_ok = len(files) - failed
+    print(f"explained {n_ok} of {len(files)} image(s) with {', '.join(methods)} -> {out}")
+    return 0 if n_ok > 0 else 1
+
+
+def _parse_target(t: str | None):
+    if t is None or t == "top1":
+        return None
+    if t == "all":
+        return "all"
+    try:
+        vals = [int(v) for v in t.split(",")]
+    except ValueError:
+        raise CLIError(f"--target must be top1, all, or class indices like 3 or 3,5; got {t!r}") from None
+    return vals[0] if len(vals) == 1 else [vals]
+
+
+def cmd_info(args) -> int:
+    from vitx_fast.info import collect, render
+
+    print(render(collect()))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vitx_fast.demo import build_gallery
+
+    out = Path(args.out)
+    _ensure_writable(out)
+    index = build_gallery(out, n_single=args.n, n_double=args.n_double, quiet=args.quiet)
+    print(f"gallery written: {index.resolve()}")
+    return 0
+
+
+def cmd_data_export(args) -> int:
+    from vitx_fast.data import export_benchmark
+
+    out = Path(args.out)
+    _ensure_writable(out)
+    export_benchmark(out, split=args.split, n=args.n, objects=args.objects, seed=args.seed)
+    print(f"wrote {args.n} {args.split} images ({args.objects} object(s) each) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitx", description="Exact, fast explanations for timm Vision Transformers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("explain", help="explain images or folders of images")
+    e.add_argument("paths", nargs="+", help="image files or folders")
+    e.add_argument("--model", default="demo", help="'demo' (bundled) or a timm model name")
+    e.add_argument("--checkpoint", help="local weights (.safetensors / .pth) for --model")
+    e.add_argument("--method", nargs="+", help="method names, or 'all' (default: reciprocam)")
+    e.add_argument("--target", help="top1 (default), all, or class index(es) like 3 or 3,5")
+    e.add_argument("--out", default="vitx-out", help="output folder")
+    e.add_argument("--overwrite", action="store_true", help="recompute images whose outputs exist")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", help="explain bundled benchmark images with every method; write a gallery")
+    d.add_argument("--out", default="gallery")
+    d.add_argument("--n", type=int, default=4, help="one-object images")
+    d.add_argument("--n-double", type=int, default=2, help="two-object images")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser("info", help="versions, devices, methods and backends")
+    i.set_defaults(func=cmd_info)
+
+    data = sub.add_parser("data", help="bundled benchmark data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    x = dsub.add_parser("export", help="write the generated benchmark as an ImageNet-style folder with VOC XML")
+    x.add_argument("--out", required=True)
+    x.add_argument("--split", default="test", choices=("train", "test"))
+    x.add_argument("--n", type=int, default=100)
+    x.add_argument("--objects", type=int, default=1, choices=(1, 2))
+    x.add_argument("--seed", type=int, default=0)
+    x.set_defaults(func=cmd_data_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"vitx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitx: interrupted (finished outputs are kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
