@@ -1,0 +1,106 @@
+"""The `vitx` CLI end to end on a small timm model with a local checkpoint."""
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitx_fast.cli import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=5)
+    path = tmp_path_factory.mktemp("ckpt") / "test_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 90, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (200, 240, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    return folder
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_explain_two_images(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["explain", images / "a.png", images / "b.jpg", "--model", "test_vit", "--checkpoint",
+                             checkpoint, "--method", "rollout", "gae", "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    for stem in ("a", "b"):
+        for suffix in ("_rollout.png", "_gae.png", "_grid.png", ".npz"):
+            assert (out / f"{stem}{suffix}").is_file(), f"{stem}{suffix}"
+        z = np.load(out / f"{stem}.npz")
+        assert z["rollout"].shape == (10, 10) and z["gae"].shape == (10, 10) and z["logits"].shape == (5,)
+        assert np.ptp(z["gae"]) > 0
+    assert not list(out.glob("*.tmp*"))
+    # resumable: a second run keeps finished outputs untouched
+    before = (out / "a.npz").stat().st_mtime_ns
+    code, _, _ = run(["explain", images, "--model", "test_vit", "--checkpoint", checkpoint, "--method", "rollout",
+                      "--out", out, "--quiet"], capsys)
+    assert code == 0 and (out / "a.npz").stat().st_mtime_ns == before
+
+
+def test_folder_with_corrupt_file(checkpoint, images, tmp_path, capsys):
+    (images / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    code, stdout, err = run(["explain", images, "--model", "test_vit", "--checkpoint", checkpoint, "--method",
+                             "rollout", "--out", out, "--quiet"], capsys)
+    assert code == 0
+    assert "broken.png" in err and "unreadable image" in err
+    assert (out / "a.npz").is_file() and (out / "b.npz").is_file() and not (out / "broken.npz").exists()
+    assert "explained 2 of 3" in stdout
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "vit_nonexistent_xyz"], "unknown timm model 'vit_nonexistent_xyz'"),
+    (["--model", "vit_small_patch16_224", "--checkpoint", "CKPT"], "does not fit the architecture"),
+    (["--model", "test_vit", "--checkpoint", "missing.safetensors"], "checkpoint not found"),
+    (["--method", "gradcam++"], "unknown method 'gradcam++'"),
+])
+def test_one_line_errors(argv, match, checkpoint, images, tmp_path, capsys):
+    argv = [str(checkpoint) if a == "CKPT" else a for a in argv]
+    code, _, err = run(["explain", images / "a.png", "--out", tmp_path / "o", *argv], capsys)
+    assert code == 2
+    assert match in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output(checkpoint, images, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint,
+                        "--out", blocker / "sub"], capsys)
+    assert code == 2 and "cannot write to output folder" in err
+
+
+def test_info_lists_methods_and_backends(capsys):
+    code, out, _ = run(["info"], capsys)
+    assert code == 0
+    for word in ("torch", "reference", "rollout", "method x backend"):
+        assert word in out
+
+
+@pytest.mark.skipif(shutil.which("vitx") is None and not (sys.prefix and shutil.which("vitx", path=sys.prefix + "/bin")),
+                    reason="console script not installed")
+def test_console_script():
+    exe = shutil.which("vitx") or shutil.which("vitx", path=sys.prefix + "/bin")
+    r = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "vitx-fast" in r.stdout
