@@ -29,10 +29,18 @@ def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None
     images = adapter.check_images(images)
     be = select_backend(m, adapter, images, opts, backend)
     impl = m.impls[be.NAME]
+    def resolve(logits):
+        return resolve_targets(target, logits, images.shape[0], method=method, multi_ok=m.multi_target,
+                               class_agnostic=m.class_agnostic)
+
     with adapter.session():
+        if getattr(impl, "resolves_targets", False):
+            res = impl(adapter, images, resolve, opts)
+            targets = res.targets
+            return Explanation(maps=res.maps, targets=targets, logits=res.logits, method=method, backend=be.NAME,
+                               flow=res.flow, options=opts, extras=res.extras)
         logits = adapter.logits(images)
-        targets = resolve_targets(target, logits, images.shape[0], method=method, multi_ok=m.multi_target,
-                                  class_agnostic=m.class_agnostic)
+        targets = resolve(logits)
         if targets.dim() == 2 and m.class_agnostic:
             # the map does not depend on the class: compute once, repeat for the K requested targets
             res = impl(adapter, images, targets[:, 0], opts)

@@ -21,6 +21,7 @@ class MethodResult:
     flow: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # set by implementations that resolve their own targets
 
 
 Impl = Callable[..., MethodResult]
@@ -85,8 +86,15 @@ class Method:
             return [f"{self.name} reads the class token's attention row, but the model has no class token"]
         return []
 
-    def register(self, backend: str) -> Callable[[Impl], Impl]:
+    def register(self, backend: str, *, resolves_targets: bool = False) -> Callable[[Impl], Impl]:
+        """Register `fn` as this method's implementation on `backend`.
+
+        resolves_targets: fn is called as fn(adapter, images, resolve, opts) with `resolve(logits) -> targets`, and
+        returns MethodResult(logits=...), so that one forward serves both the prediction and the explanation.
+        """
+
         def deco(fn: Impl) -> Impl:
+            fn.resolves_targets = resolves_targets  # type: ignore[attr-defined]
             self.impls[backend] = fn
             return fn
 

@@ -1,1 +1,62 @@
-"""placeholder, replaced by its implementation."""
+"""GAE: Chefer et al. ICCV'21 generic attention explainability (gradient x attention rollout), specs/rollout_lrp.md §3.
+
+Reference: hila-chefer/Transformer-MM-Explainability, `Transformer_MM_explainability_ViT.ipynb`:
+    R = I;  for blk: R += mean_h(max(dA * A, 0)) @ R;  map = R[0, 1:]
+with A the post-softmax attention and dA its gradient (ordinary autograd) of the target logit.
+"""
+from __future__ import annotations
+
+import torch
+
+from vitx_fast.methods.base import Method, MethodResult
+from vitx_fast.methods.registry import register_method
+from vitx_fast.models.timm_adapter import ForwardRecord
+
+
+@register_method
+class GAE(Method):
+    name = "gae"
+    summary = "Generic Attention Explainability: rollout of relu(grad x attention) head means (Chefer et al., ICCV'21)"
+    options = {}
+
+    def refusals(self, adapter, opts):
+        return super().refusals(adapter, opts) + self.require_class_token(adapter)
+
+
+def _graph_root(x: torch.Tensor) -> torch.Tensor:
+    # a leaf that requires grad at the block-0 input, so the graph exists even with frozen parameters / no_grad
+    return x.detach().requires_grad_(True)
+
+
+def attention_grads(adapter, images: torch.Tensor, targets: torch.Tensor, wrt: str = "probs"
+                    ) -> tuple[ForwardRecord, list[torch.Tensor]]:
+    """Forward with a graph, then d(sum_b logits[b, targets[b]]) / d(per-block attention tensor).
+
+    images: (B, C, H, W); targets: (B,) long. wrt: "probs" (post-softmax A, the specs' dA) or "logits" (the scaled
+    pre-softmax scores S, what a legacy module backward hook on timm's `attn_drop` captures).
+    Returns the ForwardRecord (tensors still attached to the graph; detach before use) and L grads (B, H, T, T).
+    Each image's logit depends only on that image, so the batch sum gives per-image gradients.
+    """
+    with torch.enable_grad():
+        rec = adapter.forward(images, tokens_hook=_graph_root)
+        score = rec.output.gather(1, targets.view(-1, 1).to(rec.output.device)).sum()
+        grads = torch.autograd.grad(score, [getattr(b.attn, wrt) for b in rec.blocks])
+    return rec, [g.detach() for g in grads]
+
+
+def gae_matrix(attns: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """attns, grads: L x (B, H, T, T) in block order -> R = (I + Abar^{L-1}) ... (I + Abar^0), (B, T, T)."""
+    B, _, T, _ = attns[0].shape
+    R = torch.eye(T, dtype=attns[0].dtype, device=attns[0].device).expand(B, T, T)
+    for a, g in zip(attns, grads):
+        cam = (g * a).clamp(min=0).mean(dim=1)  # relu before the head mean
+        R = R + cam @ R
+    return R
+
+
+@GAE.instance.register("reference")
+def gae_reference(adapter, images, targets, opts) -> MethodResult:
+    rec, grads = attention_grads(adapter, images, targets)
+    R = gae_matrix([b.attn.probs.detach() for b in rec.blocks], grads)
+    P, (h, w) = adapter.num_prefix_tokens, adapter.grid_for(*images.shape[-2:])
+    return MethodResult(maps=R[:, 0, P:].reshape(-1, h, w))

@@ -27,4 +27,4 @@ def list_methods() -> list[str]:
 
 def _load_builtin() -> None:
     # importing the method modules registers them
-    from vitx_fast.methods import agcam, chefer_lrp, daam, gae, reciprocam, rollout  # noqa: F401
+    from vitx_fast.methods import agcam, chefer_lrp, daam, gae, grad_rollout, reciprocam, rollout  # noqa: F401

@@ -5,7 +5,7 @@ import torch
 
 
 def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: str, multi_ok: bool,
-                    class_agnostic: bool) -> torch.Tensor:
+                    class_agnostic: bool = False) -> torch.Tensor:
     """Return targets (B,) or (B, K), long, on the logits' device.
 
     target: None (top-1 of the logits), an int, a list of B ints, a list of B lists of K ints, a (B,) or (B, K)
@@ -14,7 +14,7 @@ def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: 
     num_classes = None if logits is None else logits.shape[-1]
     device = logits.device if logits is not None else torch.device("cpu")
     if num_classes is None:
-        if target is None or class_agnostic:
+        if target is None:
             return torch.full((batch,), -1, dtype=torch.long, device=device)
         raise ValueError(f"{method}: target={target!r} was given but the model has no classification head")
     if target is None:

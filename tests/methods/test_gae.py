@@ -1,0 +1,131 @@
+"""GAE: the engine against the notebook's full-matrix formula (Transformer_MM_explainability_ViT.ipynb), with A and
+its gradient taken by hooks on an unfused timm model's attn_drop (batch 1, `R += avg_heads(cam, grad) @ R`)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+
+import vitx_fast as vx
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: thread start-up dominates on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# rule 5 from paper
+def avg_heads(cam, grad):
+    cam = cam.reshape(-1, cam.shape[-2], cam.shape[-1])
+    grad = grad.reshape(-1, grad.shape[-2], grad.shape[-1])
+    cam = grad * cam
+    cam = cam.clamp(min=0).mean(dim=0)
+    return cam
+
+
+# rule 6 from paper
+def apply_self_attention_rules(R_ss, cam_ss):
+    R_ss_addition = torch.matmul(cam_ss, R_ss)
+    return R_ss_addition
+
+
+def generate_relevance(model, input, index=None):
+    """The notebook's `generate_relevance` on a timm model (batch 1): the attention map is the output of attn_drop
+    (ViT_new's `save_attention_map`) and its gradient comes from a tensor hook on it (`attn.register_hook`)."""
+    model = copy.deepcopy(model).eval()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    maps, grads = {}, {}
+
+    def fwd(i):
+        def hook(mod, inp, out):
+            maps[i] = out
+            out.register_hook(lambda g: grads.__setitem__(i, g))
+        return hook
+
+    for i, blk in enumerate(model.blocks):
+        blk.attn.attn_drop.register_forward_hook(fwd(i))
+    output = model(input)
+    if index is None:
+        index = np.argmax(output.cpu().data.numpy(), axis=-1)
+    one_hot = np.zeros((1, output.size()[-1]), dtype=np.float32)
+    one_hot[0, index] = 1
+    one_hot = torch.from_numpy(one_hot).requires_grad_(True)
+    one_hot = torch.sum(one_hot * output)
+    model.zero_grad()
+    one_hot.backward(retain_graph=True)
+
+    num_tokens = maps[0].shape[-1]
+    R = torch.eye(num_tokens, num_tokens, dtype=output.dtype)
+    for i in range(len(model.blocks)):
+        grad = grads[i]
+        cam = maps[i]
+        cam = avg_heads(cam, grad)
+        R += apply_self_attention_rules(R, cam).detach()
+    return R[0, model.num_prefix_tokens:]  # [0, 1:] for P prefix tokens
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_gae_matches_notebook(layout):
+    model = make_vit(layout)
+    images = make_images(model, batch=3)
+    h, w = model.patch_embed.grid_size
+    with torch.no_grad():
+        top1 = int(model(images[:1]).argmax())
+    targets = torch.tensor([top1, 2, 6])
+    exp = vx.explain(model, images, method="gae", target=targets)
+    assert exp.maps.shape == (3, h, w) and exp.maps.dtype == torch.float64
+    assert_structured(exp.maps)
+    for b in range(3):
+        ref = generate_relevance(model, images[b:b + 1], int(targets[b])).detach().reshape(h, w)
+        assert_maps_close(exp.maps[b], ref, atol=1e-6)
+        torch.testing.assert_close(exp.maps[b], ref, rtol=1e-9, atol=1e-12)  # raw scale too
+    # default target is the top-1 class
+    torch.testing.assert_close(vx.explain(model, images[:1], method="gae").maps, exp.maps[:1])
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "distilled"])
+def test_batched_equals_single_and_fused(layout):
+    model = make_vit(layout)
+    fused = make_vit(layout, fused=True)
+    x = make_images(model, 3)
+    batched = vx.explain(model, x, method="gae")
+    for b in range(3):
+        assert_maps_close(batched.maps[b], vx.explain(model, x[b:b + 1], method="gae").maps[0], atol=1e-10)
+    assert_maps_close(vx.explain(fused, x, method="gae").maps, batched.maps, atol=1e-10)
+
+
+def test_target_matters():
+    model = make_vit("plain")
+    x = make_images(model, 2)
+    a = vx.explain(model, x, method="gae", target=1).maps
+    b = vx.explain(model, x, method="gae", target=4).maps
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_float32_frozen_no_grad():
+    model = make_vit("plain")
+    x = make_images(model, 2)
+    ref = vx.explain(model, x, method="gae").maps
+    m32 = copy.deepcopy(model).float().requires_grad_(False)
+    with torch.no_grad():
+        e32 = vx.explain(m32, x.float(), method="gae")
+    assert e32.maps.dtype == torch.float32
+    assert all(p.grad is None for p in m32.parameters())
+    assert_maps_close(e32.maps, ref, atol=1e-4)
+
+
+def test_refusals():
+    x = make_images(make_vit("plain"), 1)
+    with pytest.raises(vx.UnsupportedModelError, match="no class token"):
+        vx.explain(make_vit("plain", class_token=False, global_pool="avg"), x, method="gae")
+    with pytest.raises(vx.UnsupportedModelError, match="headless"):
+        vx.explain(make_vit("plain", num_classes=0), x, method="gae")
+    with pytest.raises(TypeError, match="unknown option"):
+        vx.explain(make_vit("plain"), x, method="gae", start_layer=1)
