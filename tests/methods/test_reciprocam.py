@@ -1,0 +1,592 @@
+"""ViT-ReciproCAM reference path against independent implementations (specs/reciprocam.md §9, items 1-7).
+
+Independent references written here:
+- `naive_scores`: openvino_xai-torch style hook on a deep copy of the timm model (blocks[b].norm1 output replaced by the
+  (N, T, D) masked batch, residual broadcast), or the block's forward swapped for the "masked" / "ln1" residuals.
+- `VitCamPort`: a literal port of sybyun/vitcam `src/vit_recipro_cam.py` `ViTReciproCam`.
+- the one-hot closed form of §6 built from the unmodified forward's CLS attention row.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit, minmax
+
+import vitx_fast as vx
+from vitx_fast.methods.reciprocam import variant_weights
+from vitx_fast.models.timm_adapter import UnsupportedModelError
+from vitx_fast.postprocess import upsample
+
+G3 = [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]]
+
+
+def engine(model, images, target=None, **opts):
+    return vx.explain(model, images, method="reciprocam", target=target, backend="reference", **opts)
+
+
+def engine_scores(model, images, **opts):
+    """All-class raw scores of the engine, (B, N, C)."""
+    maps = engine(model, images, target="all", scale="none", **opts).maps  # (B, C, h, w)
+    return maps.flatten(2).transpose(1, 2)
+
+
+def naive_mask(h, w, P, mask, cls_token):
+    """(N, T) variant weights written out with plain loops."""
+    W = torch.zeros(h * w, P + h * w, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            k = i * w + j
+            if cls_token:
+                W[k, :P] = 1.0
+            for a in range(h):
+                for b in range(w):
+                    if mask == "onehot":
+                        W[k, P + a * w + b] = float(a == i and b == j)
+                    elif abs(a - i) <= 1 and abs(b - j) <= 1:
+                        W[k, P + a * w + b] = G3[a - i + 1][b - j + 1]
+    return W
+
+
+def naive_scores(model, images, target_block=-1, mask="gaussian", cls_token=True, residual="unmasked",
+                 score="softmax"):
+    """Per image: one forward of a hooked deep copy on the N variants. images (B, 3, H, W) -> (B, N, C)."""
+    m = copy.deepcopy(model).eval()
+    h, w = m.patch_embed.grid_size
+    W = naive_mask(h, w, m.num_prefix_tokens, mask, cls_token).to(next(m.parameters()).dtype)[:, :, None]
+    blk = m.blocks[target_block]
+    if residual == "unmasked":
+        # LN1 output (1, T, D) -> (N, T, D); the block's residual x stays (1, T, D) and broadcasts
+        blk.norm1.register_forward_hook(lambda mod, inp, out: W * out)
+    else:
+        def forward(x, attn_mask=None, is_causal=False):
+            u = W * blk.norm1(x)
+            r = W * x if residual == "masked" else u
+            y = r + blk.drop_path1(blk.ls1(blk.attn(u)))
+            return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+
+        blk.forward = forward
+    with torch.no_grad():
+        out = torch.stack([m(img[None]) for img in images])
+    return out.softmax(-1) if score == "softmax" else out
+
+
+def naive_maps(scores, grid, eps=1e-12):
+    """(B, N, C) -> min-max (B, C, h, w)."""
+    B, _, C = scores.shape
+    s = scores.transpose(1, 2).reshape(B, C, *grid)
+    flat = s.flatten(2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    return ((flat - lo) / (hi - lo + eps)).view_as(s)
+
+
+# ---------------------------------------------------------------------------------------------------- §9.1 / §9.6
+COMBOS = [(mk, cls, res) for mk in ("gaussian", "onehot") for cls in (True, False)
+          for res in ("unmasked", "masked", "ln1")]
+
+
+@pytest.mark.parametrize("target_block", [-1, -2])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_matches_naive_hooks(layout, target_block):
+    model = make_vit(layout)
+    images = make_images(model, 3)
+    grid = tuple(model.patch_embed.grid_size)
+    for mask, cls_token, residual in COMBOS:
+        opts = dict(target_block=target_block, mask=mask, cls_token=cls_token, residual=residual)
+        got = engine_scores(model, images, score="logit", **opts)
+        ref = naive_scores(model, images, score="logit", **opts)
+        torch.testing.assert_close(got, ref, atol=1e-11, rtol=1e-10, msg=lambda s: f"{opts}: {s}")
+        maps = engine(model, images, target="all", **opts).maps  # softmax, min-max
+        assert_maps_close(maps, naive_maps(ref.softmax(-1), grid), atol=1e-6, normalize=False)
+    assert_structured(engine(model, images).maps)
+
+
+@pytest.mark.parametrize("layout,P,grid", [("plain", 1, (4, 4)), ("distilled", 2, (4, 4)), ("registers", 5, (4, 4)),
+                                           ("nonsquare", 1, (3, 5)), ("big_grid", 1, (5, 6))])
+def test_prefix_tokens_and_grids(layout, P, grid):
+    """§9.6: P in {1, 2, 5} and non-square grids, default options, batched; maps are (B, h, w) on the model's grid."""
+    model = make_vit(layout)
+    assert model.num_prefix_tokens == P and tuple(model.patch_embed.grid_size) == grid
+    images = make_images(model, 3)
+    exp = engine(model, images)
+    assert exp.maps.shape == (3, *grid)
+    ref = naive_maps(naive_scores(model, images), grid)
+    expected = ref[torch.arange(3), exp.targets]
+    assert_maps_close(exp.maps, expected, atol=1e-6, normalize=False)
+
+
+def test_deeper_target_block_and_nonnegative_index():
+    model = make_vit("deep_1head")  # depth 6
+    images = make_images(model, 2)
+    for residual in ("unmasked", "masked"):
+        got = engine_scores(model, images, target_block=-3, residual=residual)
+        torch.testing.assert_close(got, naive_scores(model, images, target_block=-3, residual=residual),
+                                   atol=1e-11, rtol=1e-10)
+        torch.testing.assert_close(engine_scores(model, images, target_block=3, residual=residual), got,
+                                   atol=1e-13, rtol=0)
+    torch.testing.assert_close(engine_scores(model, images, target_block=0), naive_scores(model, images, 0),
+                               atol=1e-11, rtol=1e-10)
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+def test_gap_head_matches_naive_hooks(class_token):
+    model = make_vit("plain", global_pool="avg", class_token=class_token)
+    assert model.num_prefix_tokens == int(class_token)
+    images = make_images(model, 2)
+    for mask, cls_token, residual in COMBOS:
+        for tb in (-1, -2):
+            opts = dict(target_block=tb, mask=mask, cls_token=cls_token, residual=residual)
+            torch.testing.assert_close(engine_scores(model, images, **opts), naive_scores(model, images, **opts),
+                                       atol=1e-11, rtol=1e-10, msg=lambda s: f"{opts}: {s}")
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "qknorm"])
+def test_fused_attention_on_off_equal(layout):
+    unfused = make_vit(layout, fused=False)
+    fused = make_vit(layout, fused=True)
+    images = make_images(unfused, 2)
+    for opts in (dict(), dict(target_block=-2), dict(residual="ln1", cls_token=False, mask="onehot")):
+        a = engine(unfused, images, target="all", scale="none", **opts).maps
+        b = engine(fused, images, target="all", scale="none", **opts).maps
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-12)
+        # the naive hooks on the fused model (timm's SDPA path) agree as well
+        ref = naive_scores(fused, images, **opts)
+        torch.testing.assert_close(a.flatten(2).transpose(1, 2), ref, atol=1e-11, rtol=1e-10)
+
+
+def test_float32_matches_float64():
+    m64 = make_vit("registers")
+    m32 = copy.deepcopy(m64).float()
+    images = make_images(m64, 2)
+    a = engine(m64, images, target="all").maps
+    b = engine(m32, images.float(), target="all").maps
+    assert b.dtype == torch.float32
+    assert_maps_close(b, a, atol=1e-4)
+
+
+def test_chunk_sizes_agree():
+    model = make_vit("nonsquare")
+    images = make_images(model, 3)
+    ref = engine(model, images, target="all", scale="none").maps
+    for chunk in (1, 7, 15, 16, 1000):
+        torch.testing.assert_close(engine(model, images, target="all", scale="none", chunk=chunk).maps, ref,
+                                   atol=1e-13, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- §9.2
+def test_residual_semantics():
+    model = make_vit("layerscale")
+    images = make_images(model, 2)
+    logits = {(cls, res): engine_scores(model, images, score="logit", cls_token=cls, residual=res)
+              for cls in (True, False) for res in ("unmasked", "masked", "ln1")}
+    # token head, last block, CLS kept: the CLS row's residual is 1*X_0 = X_0, so the logits are bit-identical
+    assert torch.equal(logits[True, "unmasked"], logits[True, "masked"])
+    # CLS dropped: its residual is 0 under "masked" -> O(1) logit difference
+    assert (logits[False, "unmasked"] - logits[False, "masked"]).abs().max() > 0.5
+    for cls in (True, False):
+        assert (logits[cls, "unmasked"] - logits[cls, "ln1"]).abs().max() > 0.5
+    # a GAP head reads the patch rows, whose residual differs under "masked"
+    gap = make_vit("plain", global_pool="avg")
+    a = engine_scores(gap, images, score="logit", residual="unmasked")
+    b = engine_scores(gap, images, score="logit", residual="masked")
+    assert (a - b).abs().max() > 0.1
+    # block -2: the masked rows feed block L-1's attention, so even the CLS logits differ
+    a = engine_scores(model, images, score="logit", target_block=-2, residual="unmasked")
+    b = engine_scores(model, images, score="logit", target_block=-2, residual="masked")
+    assert (a - b).abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------- §9.3
+@pytest.mark.parametrize("layout", ["plain", "layerscale", "no_qkv_bias", "registers"])
+def test_onehot_closed_form(layout):
+    """Variant k's CLS attention is a softmax over {l_0p (prefix p), l_0k, beta + ln(N-1)} of the unmasked forward."""
+    model = make_vit(layout)
+    images = make_images(model, 2)
+    blk, attn = model.blocks[-1], model.blocks[-1].attn
+    P, (h, w) = model.num_prefix_tokens, model.patch_embed.grid_size
+    N, D, H, d = h * w, model.embed_dim, attn.num_heads, attn.head_dim
+    seen = {}
+    handle = blk.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0]))
+    with torch.no_grad():
+        model(images)
+        handle.remove()
+        x = seen["x"]  # (B, T, D) input of the last block
+        B, T, _ = x.shape
+        qkv = torch.nn.functional.linear(blk.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)  # (B, H, T, d)
+        bias = attn.qkv.bias if attn.qkv.bias is not None else torch.zeros(3 * D, dtype=x.dtype)
+        b_k, b_v = bias[D:2 * D].view(H, d), bias[2 * D:].view(H, d)
+        l0 = torch.einsum("bhd,bhtd->bht", q[:, :, 0] * attn.scale, k)  # original CLS attention logits (B, H, T)
+        beta = torch.einsum("bhd,hd->bh", q[:, :, 0] * attn.scale, b_k)
+        logits = []
+        for kk in range(N):
+            ent = torch.cat([l0[:, :, :P], l0[:, :, P + kk:P + kk + 1], (beta + math.log(N - 1))[..., None]], -1)
+            alpha = ent.softmax(-1)  # (B, H, P+2)
+            vals = torch.cat([v[:, :, :P], v[:, :, P + kk:P + kk + 1], b_v[None, :, None].expand(B, H, 1, d)], 2)
+            o = torch.einsum("bhs,bhsd->bhd", alpha, vals).reshape(B, D)
+            y0 = x[:, 0] + blk.ls1(attn.proj(o))
+            z0 = y0 + blk.ls2(blk.mlp(blk.norm2(y0)))
+            logits.append(model.forward_head(model.norm(z0[:, None])))
+        closed = torch.stack(logits, 1)  # (B, N, C)
+    got = engine_scores(model, images, mask="onehot", score="logit")
+    torch.testing.assert_close(got, closed, atol=1e-11, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------- §9.4
+@pytest.mark.parametrize("h,w,P", [(3, 5, 1), (5, 6, 2), (4, 4, 5), (2, 3, 0), (1, 1, 1)])
+def test_variant_weights(h, w, P):
+    for mask in ("gaussian", "onehot"):
+        for cls in (True, False):
+            W = variant_weights(h, w, P, mask, cls, torch.float64)
+            assert W.shape == (h * w, P + h * w)
+            assert torch.equal(W, naive_mask(h, w, P, mask, cls))
+            assert torch.equal(W[:, :P], torch.full((h * w, P), float(cls), dtype=torch.float64))
+            # row-major: variant k = i*w + j peaks at patch column P + k
+            assert torch.equal(W[:, P:].argmax(-1), torch.arange(h * w))
+    W = variant_weights(h, w, P, "gaussian", True, torch.float64)[:, P:].view(h, w, h * w)
+    sums = W.sum(-1)
+    for i in range(h):
+        for j in range(w):
+            assert W[i, j, i * w + j] == 0.25  # the centre is scaled by 1/4
+            edges = (i in (0, h - 1)) + (j in (0, w - 1)) if h > 1 and w > 1 else None
+            if edges == 0:
+                assert sums[i, j] == 1.0
+            elif edges == 1:
+                assert sums[i, j] == 0.75
+            elif edges == 2:
+                assert sums[i, j] == 0.5625
+    assert torch.equal(variant_weights(h, w, P, "onehot", False, torch.float64)[:, P:],
+                       torch.eye(h * w, dtype=torch.float64))
+    assert variant_weights(h, w, P, "gaussian", True, torch.float32).dtype == torch.float32
+
+
+def test_variant_weights_nonsquare_order():
+    """On a 3x5 grid, variant (1, 3) covers rows 0..2 and columns 2..4 (not a transposed 5x3 reading)."""
+    W = variant_weights(3, 5, 1, "gaussian", True, torch.float64)
+    k = 1 * 5 + 3
+    patch = W[k, 1:].view(3, 5)
+    expected = torch.zeros(3, 5, dtype=torch.float64)
+    expected[0:3, 2:5] = torch.tensor(G3, dtype=torch.float64)
+    assert torch.equal(patch, expected)
+    with pytest.raises(ValueError, match="mask"):
+        variant_weights(3, 5, 1, "box", True)
+
+
+def test_ln1_of_zero_is_beta():
+    """LN(0) = beta exactly: masking before LN1 would give constant rows beta, not 0 (guard against pre-LN masking)."""
+    model = make_vit("plain")
+    for blk in model.blocks:
+        with torch.no_grad():
+            out = blk.norm1(torch.zeros(1, 1, model.embed_dim, dtype=torch.float64))
+        assert torch.equal(out[0, 0], blk.norm1.bias)
+        assert blk.norm1.bias.abs().max() > 0.1
+
+
+# ---------------------------------------------------------------------------------------------------- §9.5
+class VitCamPort:
+    """Literal port of sybyun/vitcam `src/vit_recipro_cam.py` `ViTReciproCam` (commit 42608d6).
+
+    Only change: the zero tensor of the masked features takes the feature's dtype (the original allocates float32,
+    which is the same thing in its fp32 runs but would round our float64 features). `target_names` is recorded for
+    the test.
+    """
+
+    def __init__(self, model, device, target_layer_name=None, is_gaussian=True, block_index=-2, cls_token=True):
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        self.target_layer_name = target_layer_name
+        self.device = device
+        self.is_gaussian = is_gaussian
+        self.cls_token = cls_token
+        self.softmax = torch.nn.Softmax(dim=1)
+        self.feature = None
+        self.target_layers = []
+        self.target_names = []
+        self._find_target_layer()
+        if block_index == -1:
+            print('Last block layer cannot be used for CAM, so using the second last block layer.')
+            block_index = -2
+        self.target_layers[block_index].register_forward_hook(self._cam_hook())
+        self.hooked_name = self.target_names[block_index]
+        filter = [[1 / 16.0, 1 / 8.0, 1 / 16.0],
+                  [1 / 8.0, 1 / 4.0, 1 / 8.0],
+                  [1 / 16.0, 1 / 8.0, 1 / 16.0]]
+        self.gaussian = torch.tensor(filter).to(device)
+
+    def _find_target_layer(self):
+        if self.target_layer_name:
+            for name, module in self.model.named_modules():
+                if self.target_layer_name in name:
+                    self.target_layers.append(module)
+                    self.target_names.append(name)
+        else:
+            for name, module in self.model.named_modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    self.target_layer_name = name.split('.')[-1]
+                    break
+            for name, module in self.model.named_modules():
+                if self.target_layer_name in name:
+                    self.target_layers.append(module)
+                    self.target_names.append(name)
+
+    def _cam_hook(self):
+        def fn(_, input, output):
+            self.feature = output[0].unsqueeze(0)
+            bs, tn, dim = self.feature.shape
+            new_features = self._generate_masked_feature(tn, dim)
+            new_features = torch.cat((self.feature, new_features), dim=0)
+            return new_features
+
+        return fn
+
+    def _generate_masked_feature(self, tn, dim):
+        new_outputs = torch.zeros(tn - 1, tn, dim, dtype=self.feature.dtype).to(self.device)
+        if self.is_gaussian == False:  # noqa: E712 (as in the original)
+            for i in range(tn - 1):
+                if self.cls_token == True:  # noqa: E712
+                    new_outputs[i, 0, :] = self.feature[0, 0, :]
+                new_outputs[i, i + 1, :] = self.feature[0, i + 1, :]
+        else:
+            n_c = int((tn - 1) ** 0.5)
+            spatial_feature = self.feature[0, 1:, :]
+            spatial_feature = spatial_feature.reshape(1, n_c, n_c, dim)
+            if self.cls_token == True:  # noqa: E712
+                new_outputs[:, 0, :] = self.feature[0, 0, :]
+            new_outputs_r = new_outputs[:, 1:, :]
+            new_outputs_r = new_outputs_r.reshape(tn - 1, n_c, n_c, dim)
+            score_map = self.gaussian.reshape(3, 3, 1).repeat(1, 1, dim)
+            for i in range(n_c):
+                ky_s = max(i - 1, 0)
+                ky_e = min(i + 1, n_c - 1)
+                if i == 0: sy_s = 1  # noqa: E701
+                else: sy_s = 0  # noqa: E701
+                if i == n_c - 1: sy_e = 1  # noqa: E701
+                else: sy_e = 2  # noqa: E701
+                for j in range(n_c):
+                    kx_s = max(j - 1, 0)
+                    kx_e = min(j + 1, n_c - 1)
+                    if j == 0: sx_s = 1  # noqa: E701
+                    else: sx_s = 0  # noqa: E701
+                    if j == n_c - 1: sx_e = 1  # noqa: E701
+                    else: sx_e = 2  # noqa: E701
+                    new_outputs_r[i * n_c + j, ky_s:ky_e + 1, kx_s:kx_e + 1, :] \
+                        = spatial_feature[0, ky_s:ky_e + 1, kx_s:kx_e + 1, :] \
+                        * score_map[sy_s:sy_e + 1, sx_s:sx_e + 1, :]
+            new_outputs_r = new_outputs_r.reshape(tn - 1, tn - 1, dim)
+        return new_outputs
+
+    def _get_token_weight(self, predictions, index, num_tokens):
+        n_c = int((num_tokens - 1) ** 0.5)
+        weight = (predictions[:, index]).reshape((n_c, n_c))
+        weight_min = weight.min()
+        diff = weight.max() - weight_min
+        weight = (weight - weight_min) / (diff)
+        return weight
+
+    def __call__(self, input_tensor, index=None):
+        with torch.no_grad():
+            predictions = self.model(input_tensor)
+            predictions = self.softmax(predictions)
+            if index == None:  # noqa: E711
+                index = predictions[0].argmax().item()
+            bs, t_n, dim = self.feature.shape
+            cam = self._get_token_weight(predictions[1:, :], index, t_n)
+            cam = cam.detach()
+        return cam, index
+
+
+def vitcam_batch(model, images, index=None, **kw):
+    """vitcam is batch-1: one call per image. Returns maps (B, h, w) and indices (B,)."""
+    cam = VitCamPort(model, "cpu", **kw)
+    out = [cam(img[None], None if index is None else int(index[b])) for b, img in enumerate(images)]
+    return torch.stack([o[0] for o in out]), torch.tensor([o[1] for o in out])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("layout", ["plain", "layerscale", "qknorm", "no_qkv_bias", "deep_1head"])
+def test_official_matches_vitcam(layout, fused):
+    model = make_vit(layout, fused=fused)
+    for batch in (1, 3):
+        images = make_images(model, batch, seed=batch)
+        exp = engine(model, images, official=True)
+        ref, index = vitcam_batch(model, images)
+        assert torch.equal(exp.targets, index)
+        assert exp.maps.shape == ref.shape
+        torch.testing.assert_close(exp.maps, ref, atol=1e-10, rtol=0)  # both min-max without eps
+        assert_maps_close(exp.maps, ref, atol=1e-6)
+    # explicit classes, and vitcam's other switches (one-hot, CLS dropped)
+    images = make_images(model, 2)
+    cls = torch.tensor([3, 5])
+    exp = engine(model, images, target=cls, official=True, mask="onehot", cls_token=False)
+    ref, _ = vitcam_batch(model, images, index=cls, is_gaussian=False, cls_token=False)
+    torch.testing.assert_close(exp.maps, ref, atol=1e-10, rtol=0)
+
+
+def _redraw_torchvision(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "token" not in name and "pos_embedding" not in name:
+                gain = 2.5 if "in_proj" in name else 1.2
+                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(math.prod(p.shape[1:])))
+            elif ".ln" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
+def torchvision_to_timm(tv):
+    """Port a torchvision VisionTransformer into a timm VisionTransformer (specs/ttame.md §6 key mapping)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    L = len(tv.encoder.layers)
+    D = tv.hidden_dim
+    heads = tv.encoder.layers[0].self_attention.num_heads
+    mlp = tv.encoder.layers[0].mlp[0].out_features
+    model = VisionTransformer(img_size=tv.image_size, patch_size=tv.patch_size, embed_dim=D, depth=L,
+                              num_heads=heads, mlp_ratio=mlp / D, qkv_bias=True, num_classes=tv.num_classes)
+    sd = tv.state_dict()
+    new = {"patch_embed.proj.weight": sd["conv_proj.weight"], "patch_embed.proj.bias": sd["conv_proj.bias"],
+           "cls_token": sd["class_token"], "pos_embed": sd["encoder.pos_embedding"],
+           "norm.weight": sd["encoder.ln.weight"], "norm.bias": sd["encoder.ln.bias"],
+           "head.weight": sd["heads.head.weight"], "head.bias": sd["heads.head.bias"]}
+    pairs = [("ln_1", "norm1"), ("ln_2", "norm2"), ("self_attention.out_proj", "attn.proj"), ("mlp.0", "mlp.fc1"),
+             ("mlp.3", "mlp.fc2")]
+    for i in range(L):
+        src, dst = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
+        for a, b in pairs:
+            for p in ("weight", "bias"):
+                new[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+        new[f"{dst}attn.qkv.weight"] = sd[f"{src}self_attention.in_proj_weight"]
+        new[f"{dst}attn.qkv.bias"] = sd[f"{src}self_attention.in_proj_bias"]
+    model.load_state_dict(new, strict=True)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return model.to(torch.float64).eval()
+
+
+def test_official_torchvision_vit():
+    """vitcam on a tiny torchvision ViT (hook on encoder_layer_{L-2}.ln_1) equals the engine on its timm port."""
+    from torchvision.models import VisionTransformer as TVViT
+
+    torch.manual_seed(0)
+    tv = TVViT(image_size=32, patch_size=8, num_layers=4, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=7)
+    _redraw_torchvision(tv)
+    tv = tv.to(torch.float64).eval()
+    assert tv.encoder.layers[0].ln_1.eps == 1e-6
+    port = torchvision_to_timm(tv)
+    images = make_images(port, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(port(images), tv(images), atol=1e-12, rtol=1e-10)
+    cam = VitCamPort(tv, "cpu")
+    assert cam.hooked_name == "encoder.layers.encoder_layer_2.ln_1"
+    ref, index = vitcam_batch(tv, images)
+    exp = engine(port, images, official=True)
+    assert torch.equal(exp.targets, index)
+    torch.testing.assert_close(exp.maps, ref, atol=1e-10, rtol=0)
+    assert_maps_close(exp.maps, ref, atol=1e-6)
+    assert_structured(exp.maps)
+
+
+# ---------------------------------------------------------------------------------------------------- §9.7
+def test_all_class_maps_equal_per_class_runs():
+    model = make_vit("distilled")
+    images = make_images(model, 2)
+    for opts in (dict(), dict(scale="none", score="logit"), dict(official=True)):
+        allc = engine(model, images, target="all", **opts).maps
+        assert allc.shape == (2, 7, 4, 4)
+        for c in range(7):
+            torch.testing.assert_close(engine(model, images, target=c, **opts).maps, allc[:, c], atol=0, rtol=0)
+        t = torch.tensor([[6, 0, 3], [2, 2, 5]])
+        torch.testing.assert_close(engine(model, images, target=t, **opts).maps, allc[torch.arange(2)[:, None], t],
+                                   atol=0, rtol=0)
+
+
+def test_uint8_formula():
+    model = make_vit("registers")
+    images = make_images(model, 2)
+    raw = engine(model, images, target="all", scale="none").maps
+    flat = raw.flatten(2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    expected = torch.floor(255 * (flat - lo) / (hi - lo + 1e-12)).to(torch.uint8).view_as(raw)
+    got = engine(model, images, target="all", scale="uint8").maps
+    assert got.dtype == torch.uint8
+    assert torch.equal(got, expected)
+    # floor(255 * (1 - tiny)) = 254 at the maximum, as openvino_xai's embed_scaling
+    assert got.flatten(2).amax(-1).eq(254).all() and got.flatten(2).amin(-1).eq(0).all()
+    # float scaling: (s - min) / (max - min + 1e-12)
+    torch.testing.assert_close(engine(model, images, target="all").maps,
+                               ((flat - lo) / (hi - lo + 1e-12)).view_as(raw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["nonsquare", "no_embed_class"])
+def test_batch_equals_singles(layout):
+    model = make_vit(layout)
+    images = make_images(model, 3)
+    for opts in (dict(), dict(official=True), dict(mask="onehot", residual="masked", cls_token=False, chunk=5)):
+        batched = engine(model, images, target="all", scale="none", **opts).maps
+        for b in range(3):
+            single = engine(model, images[b:b + 1], target="all", scale="none", **opts).maps
+            torch.testing.assert_close(batched[b:b + 1], single, atol=1e-13, rtol=1e-12)
+
+
+def test_upsample_after_scaling():
+    model = make_vit("nonsquare")
+    images = make_images(model, 2)
+    grid_maps = engine(model, images).maps
+    raw = engine(model, images, scale="none").maps
+    for mode in ("bilinear", "bicubic_pil"):
+        up = engine(model, images, upsample=(24, 40), upsample_mode=mode).maps
+        assert up.shape == (2, 24, 40)
+        torch.testing.assert_close(up, upsample(grid_maps, (24, 40), mode), atol=0, rtol=0)
+        assert not torch.allclose(up, minmax(upsample(raw, (24, 40), mode)), atol=1e-3)  # order matters
+    sq = engine(model, images, target="all", upsample=16).maps
+    assert sq.shape == (2, 7, 16, 16)
+    u8 = engine(model, images, scale="uint8", upsample=(24, 40)).maps
+    assert u8.dtype == torch.uint8 and u8.shape == (2, 24, 40)
+    g8 = engine(model, images, scale="uint8").maps
+    assert (u8.double() - upsample(g8.double(), (24, 40))).abs().max() <= 0.5
+    none_up = engine(model, images, scale="none", upsample=(24, 40)).maps
+    torch.testing.assert_close(none_up, upsample(raw, (24, 40)), atol=0, rtol=0)
+
+
+def test_official_no_epsilon_and_explicit_target():
+    model = make_vit("plain")
+    images = make_images(model, 2)
+    raw = engine(model, images, target="all", scale="none", target_block=-2).maps
+    flat = raw.flatten(2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    nn_eps = ((flat - lo) / (hi - lo)).view_as(raw)
+    torch.testing.assert_close(engine(model, images, target="all", official=True).maps, nn_eps, atol=0, rtol=0)
+    top1 = engine(model, images, official=True)
+    assert torch.equal(top1.targets, top1.logits.argmax(-1))
+    exp = engine(model, images, target=[4, 1], official=True)
+    torch.testing.assert_close(exp.maps, nn_eps[torch.arange(2), torch.tensor([4, 1])], atol=0, rtol=0)
+    # explicit options beat the preset
+    assert engine(model, images, official=True, target_block=-1).options["target_block"] == -1
+
+
+# ---------------------------------------------------------------------------------------------------- options
+def test_option_validation():
+    model = make_vit("plain")  # depth 3
+    images = make_images(model, 1)
+    for tb in (3, -4, 10):
+        with pytest.raises(UnsupportedModelError, match="target_block"):
+            engine(model, images, target_block=tb)
+    with pytest.raises(UnsupportedModelError, match="target_block"):
+        engine(make_vit("plain", depth=1), images, official=True)
+    bad = [dict(target_block="last"), dict(target_block=True), dict(target_block=-1.0), dict(mask="box"),
+           dict(residual="pre_ln"), dict(score="prob"), dict(scale="minmax"), dict(cls_token="yes"),
+           dict(upsample=0), dict(upsample=(16,)), dict(upsample=(16, 0)), dict(upsample="224"), dict(chunk=0),
+           dict(chunk=2.5), dict(eps=-1.0), dict(scale="uint8", eps=0.0), dict(official=True, scale="uint8"),
+           dict(upsample_mode="bicubic")]
+    for opts in bad:
+        with pytest.raises(ValueError):
+            engine(model, images, **opts)
+    with pytest.raises(TypeError, match="unknown option"):
+        engine(model, images, block_index=-2)
+    with pytest.raises(UnsupportedModelError, match="headless"):
+        engine(make_vit("plain", num_classes=0), images)
