@@ -18,3 +18,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# The suite runs under pytest-xdist on a 2-core machine: one intra-op thread per worker avoids oversubscription,
+# which otherwise makes small-tensor ops tens of times slower.
+torch.set_num_threads(1)

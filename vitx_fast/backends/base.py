@@ -22,14 +22,25 @@ class Backend:
         ok, why = self.is_available()
         if not ok:
             reasons.append(f"{self.NAME} backend unavailable: {why}")
-        if self.NAME not in method.impls:
+        impl = method.impls.get(self.NAME)
+        if impl is None:
             reasons.append(f"{self.NAME} has no implementation of {method.name}")
+        elif getattr(impl, "supports", None) is not None:
+            reasons.extend(impl.supports(adapter, opts))
         device = adapter.device.type
         if device not in self.SUPPORTED_DEVICES:
             reasons.append(f"{self.NAME} does not run on device {device!r} (supports {self.SUPPORTED_DEVICES})")
         if adapter.dtype not in self.SUPPORTED_DTYPES:
             reasons.append(f"{self.NAME} does not support dtype {adapter.dtype}")
         return reasons
+
+
+class FusedBackend(Backend):
+    """Exact algebraic fusions in plain torch (row-vector chains, collapsed softmaxes, one-row backward passes);
+    calls the fused ops (`vitx_fast.ops`), which use Triton on CUDA and C++ kernels on CPU where they pay."""
+
+    NAME = "fused"
+    PRIORITY = 50
 
 
 class ReferenceBackend(Backend):

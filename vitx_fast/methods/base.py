@@ -86,15 +86,18 @@ class Method:
             return [f"{self.name} reads the class token's attention row, but the model has no class token"]
         return []
 
-    def register(self, backend: str, *, resolves_targets: bool = False) -> Callable[[Impl], Impl]:
+    def register(self, backend: str, *, resolves_targets: bool = False,
+                 supports: Callable[..., list[str]] | None = None) -> Callable[[Impl], Impl]:
         """Register `fn` as this method's implementation on `backend`.
 
         resolves_targets: fn is called as fn(adapter, images, resolve, opts) with `resolve(logits) -> targets`, and
         returns MethodResult(logits=...), so that one forward serves both the prediction and the explanation.
+        supports: `supports(adapter, opts) -> reasons` this implementation cannot serve (empty list: it can).
         """
 
         def deco(fn: Impl) -> Impl:
             fn.resolves_targets = resolves_targets  # type: ignore[attr-defined]
+            fn.supports = supports  # type: ignore[attr-defined]
             self.impls[backend] = fn
             return fn
 

@@ -17,6 +17,8 @@ Map: Abar^l = mean_h(max(dA^l * R_A^l, 0)); C = (I + Abar^{L-1}) ... (I + Abar^s
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -158,13 +160,20 @@ def chefer_relprop(adapter, rec, targets: torch.Tensor, start_layer: int = 0):
     return cams, torch.stack(sums, dim=1)
 
 
-def _detached(rec):
+def detached(rec):
+    """A copy of a ForwardRecord whose tensors are detached from the graph (the original keeps its graph)."""
+    blocks = []
     for b in rec.blocks:
-        for obj, names in ((b, ("x", "u", "y", "z")), (b.attn, ("q", "k", "v", "probs", "context", "out"))):
-            for n in names:
-                setattr(obj, n, getattr(obj, n).detach())
-    rec.final, rec.output = rec.final.detach(), rec.output.detach()
-    return rec
+        a = copy.copy(b.attn)
+        for n in ("q", "k", "v", "probs", "context", "out"):
+            setattr(a, n, getattr(a, n).detach())
+        blocks.append(copy.copy(b))
+        blocks[-1].attn = a
+        for n in ("x", "u", "y", "z"):
+            setattr(blocks[-1], n, getattr(b, n).detach())
+    out = copy.copy(rec)
+    out.blocks, out.final, out.output = blocks, rec.final.detach(), rec.output.detach()
+    return out
 
 
 @CheferLRP.instance.register("reference")
@@ -173,7 +182,7 @@ def lrp_reference(adapter, images, targets, opts) -> MethodResult:
     if not 0 <= s < adapter.depth:
         raise ValueError(f"lrp: start_layer={s} must be in [0, {adapter.depth})")
     rec, grads = attention_grads(adapter, images, targets)
-    cams, sums = chefer_relprop(adapter, _detached(rec), targets, s)
+    cams, sums = chefer_relprop(adapter, detached(rec), targets, s)
     B, _, T, _ = grads[0].shape
     eye = torch.eye(T, dtype=grads[0].dtype, device=grads[0].device)
     C = eye.expand(B, T, T)

@@ -28,3 +28,6 @@ def list_methods() -> list[str]:
 def _load_builtin() -> None:
     # importing the method modules registers them
     from vitx_fast.methods import agcam, chefer_lrp, daam, gae, grad_rollout, reciprocam, rollout  # noqa: F401
+    # fast implementations register themselves beside the reference ones
+    from vitx_fast.fused import reciprocam as _fused_reciprocam  # noqa: F401
+    from vitx_fast.fused import gae as _fused_gae, lrp as _fused_lrp, rollout as _fused_rollout  # noqa: F401

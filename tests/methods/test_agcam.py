@@ -1,0 +1,236 @@
+"""AGCAM parity tests, specs/agcam.md §8.
+
+The reference here is a literal re-implementation of `AGCAM.generate` (LeemSaebom/Attention-Guided-CAM-...,
+Methods/AGCAM/AGCAM.py) on stock timm: the vendored `Attention.forward` starts with `x = x.detach()` (here a forward
+pre-hook on every blk.attn), exposes the pre-softmax scaled scores through an identity module (here rebuilt from a
+hook on attn.qkv, spec §3) and the gradient of the post-softmax attention through a full backward hook (here on
+attn.attn_drop of an unfused model).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+
+import vitx_fast as vx
+
+ALL_LAYOUTS = sorted(LAYOUTS)
+
+
+class LiteralAGCAM:
+    """AGCAM.generate, batch 1, on a deep copy of an unfused timm ViT."""
+
+    def __init__(self, model, head_fusion="sum", layer_fusion="sum", detach=True):
+        self.model = copy.deepcopy(model).eval()
+        self.head_fusion, self.layer_fusion = head_fusion, layer_fusion
+        self.attn_matrix, self.grad_attn, self.full_grads = [], [], []
+        for blk in self.model.blocks:
+            attn = blk.attn
+            attn.fused_attn = False  # otherwise attn_drop never runs and its hook captures nothing (spec §7)
+            if detach:
+                attn.register_forward_pre_hook(lambda m, args: (args[0].detach(),) + tuple(args[1:]))
+            attn.qkv.register_forward_hook(self._score_hook(attn))
+            attn.attn_drop.register_full_backward_hook(self.get_grad_attn)
+
+    def _score_hook(self, attn):
+        def hook(module, inputs, output):
+            B, T, _ = output.shape
+            q, k, _ = output.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            self.attn_matrix.append(((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).detach())  # [B, H, 1, T]
+        return hook
+
+    def get_grad_attn(self, module, grad_input, grad_output):
+        self.full_grads.append(grad_output[0])
+        self.grad_attn.append(grad_output[0][:, :, 0:1, :])
+
+    def generate(self, input_tensor, cls_idx=None):
+        self.attn_matrix, self.grad_attn, self.full_grads = [], [], []
+        self.model.zero_grad()
+        output = self.model(input_tensor)
+        _, prediction = torch.max(output, 1)
+        loss = output[0, prediction[0]] if cls_idx is None else output[0, cls_idx]
+        loss.backward()
+        self.attn_matrix.reverse()
+        attn, gradient = self.attn_matrix[0], self.grad_attn[0]
+        for i in range(1, len(self.attn_matrix)):
+            attn = torch.concat((attn, self.attn_matrix[i]), dim=0)
+            gradient = torch.concat((gradient, self.grad_attn[i]), dim=0)
+        gradient = torch.nn.functional.relu(gradient)
+        attn = torch.sigmoid(attn)
+        mask = gradient * attn
+        # the reference drops column 0 (P = 1); generalised to the P prefix columns and an h x w grid
+        P = self.model.num_prefix_tokens
+        h, w = self.model.patch_embed.grid_size
+        mask = mask[:, :, :, P:].unsqueeze(0)  # b l h z p
+        mask = mask.sum(2) if self.head_fusion == "sum" else mask.mean(2)
+        mask = mask.sum(1) if self.layer_fusion == "sum" else mask.mean(1)
+        return prediction, mask.reshape(1, 1, h, w)
+
+
+def literal_maps(model, images, targets=None, **kw) -> torch.Tensor:
+    ref = LiteralAGCAM(model, **kw)
+    out = []
+    for i in range(images.shape[0]):
+        cls = None if targets is None else int(targets[i])
+        out.append(ref.generate(images[i:i + 1], cls)[1][0, 0])
+    return torch.stack(out)
+
+
+def closed_form_G(model, image, cls):
+    """Spec §3 CLS-only backward for one image (1, C, H, W): G^l_{h,0,j} = <δ^l_h, V^l_{h,j}>, list of (H, T)."""
+    ad = vx.ViTAdapter(model)
+    with torch.no_grad():
+        rec = ad.forward(image)
+    H, d = ad.num_heads, ad.head_dim
+    z0 = rec.blocks[-1].z[0, 0].clone()
+
+    def y_of(z):  # logit c from the CLS row of the last block's output; a distilled head contributes ½ W_head[c]
+        f = model.norm(z)
+        if ad.distilled:
+            return 0.5 * model.head(f)[cls]
+        return model.head(model.fc_norm(f))[cls]
+
+    _, vjp = torch.func.vjp(y_of, z0)
+    g = vjp(torch.ones((), dtype=z0.dtype))[0]
+    Gs = [None] * ad.depth
+    for i in reversed(range(ad.depth)):
+        blk = model.blocks[i]
+        y_row = rec.blocks[i].y[0, 0]
+        _, vjp_mlp = torch.func.vjp(lambda r, blk=blk: blk.ls2(blk.mlp(blk.norm2(r))), y_row)
+        g_u = g + vjp_mlp(g)[0]
+        o_row = rec.blocks[i].attn.context[0, 0]
+        _, vjp_proj = torch.func.vjp(lambda o, blk=blk: blk.ls1(blk.attn.proj(o)), o_row)
+        delta = vjp_proj(g_u)[0].reshape(H, d)
+        V = rec.blocks[i].attn.v[0]  # (H, T, d)
+        Gs[i] = torch.einsum("hd,htd->ht", delta, V)
+        g = g_u  # skip path only: the attention input was detached
+    return Gs
+
+
+@pytest.mark.parametrize("layout", ALL_LAYOUTS)
+def test_closed_form_matches_autograd_and_rows_vanish(layout):
+    model = make_vit(layout)
+    x = make_images(model, 1)
+    cls = int(model(x).argmax())
+    ref = LiteralAGCAM(model)
+    ref.generate(x, cls)
+    full = list(reversed(ref.full_grads))  # backward hooks fire L-1..0
+    Gs = closed_form_G(model, x, cls)
+    assert len(full) == len(Gs) == len(model.blocks)
+    read = 2 if layout == "distilled" else 1  # a distilled head also reads the dist row (it never reaches row 0)
+    for i, (auto, cf) in enumerate(zip(full, Gs)):
+        assert torch.count_nonzero(auto[0, :, read:, :]) == 0, f"layer {i}: rows the head does not read are not 0"
+        assert auto[0, :, 0].abs().max() > 0
+        torch.testing.assert_close(cf, auto[0, :, 0], atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("layout,fused", [(lay, False) for lay in ALL_LAYOUTS] +
+                         [(lay, True) for lay in ("plain", "registers", "distilled", "nonsquare", "layerscale")])
+def test_matches_literal_reference(layout, fused):
+    model = make_vit(layout, fused=fused)
+    x = make_images(model, 3)
+    batched = vx.explain(model, x, method="agcam")
+    expected = literal_maps(model, x)
+    assert batched.maps.shape == (3, *model.patch_embed.grid_size)
+    assert_structured(batched.maps)
+    assert_maps_close(batched.maps, expected, atol=1e-6)
+    # raw scale too (the reference returns the map un-normalised)
+    torch.testing.assert_close(batched.maps, expected, atol=1e-10, rtol=1e-8)
+    single = vx.explain(model, x[1:2], method="agcam")
+    torch.testing.assert_close(single.maps[0], batched.maps[1], atol=1e-12, rtol=1e-10)
+
+
+def test_given_targets_and_fusions():
+    model = make_vit("registers")
+    x = make_images(model, 2)
+    t = torch.tensor([3, 5])
+    for hf in ("sum", "mean"):
+        for lf in ("sum", "mean"):
+            got = vx.explain(model, x, method="agcam", target=t, head_fusion=hf, layer_fusion=lf).maps
+            torch.testing.assert_close(got, literal_maps(model, x, t, head_fusion=hf, layer_fusion=lf),
+                                       atol=1e-10, rtol=1e-8)
+            # mean is sum divided by a constant: the same map after min-max
+            ref = vx.explain(model, x, method="agcam", target=t).maps
+            assert_maps_close(got, ref, atol=1e-9)
+
+
+def test_detach_is_honoured():
+    model = make_vit("plain", depth=4)
+    x = make_images(model, 1)
+    detached = vx.explain(model, x, method="agcam").maps
+    ordinary = literal_maps(model, x, detach=False)
+    assert_maps_close(detached, literal_maps(model, x), atol=1e-6)
+    err = (vx.normalize(detached) - vx.normalize(ordinary)).abs().max()
+    assert err > 1e-2, f"ordinary-gradient AGCAM equals the detached one (max diff {err:.2e}): detach not applied?"
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "nonsquare"])
+def test_fused_on_off_identical(layout):
+    a = make_vit(layout, fused=False)
+    b = make_vit(layout, fused=True)
+    x = make_images(a, 2)
+    torch.testing.assert_close(vx.explain(a, x, method="agcam").maps, vx.explain(b, x, method="agcam").maps,
+                               atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("depth,heads,dim,extra", [
+    (1, 1, 16, {}),
+    (2, 3, 24, {"reg_tokens": 4}),  # P = 5
+    (12, 12, 48, {"init_values": 0.5, "img_size": (24, 40)}),  # LayerScale, 3 x 5 grid
+    (12, 1, 16, {"distilled": True}),  # P = 2
+], ids=["L1-H1-P1", "L2-H3-P5", "L12-H12-ls-3x5", "L12-H1-P2"])
+def test_shapes(depth, heads, dim, extra):
+    model = make_vit("plain", depth=depth, num_heads=heads, embed_dim=dim, **extra)
+    x = make_images(model, 2)
+    got = vx.explain(model, x, method="agcam").maps
+    assert got.shape == (2, *model.patch_embed.grid_size)
+    assert_maps_close(got, literal_maps(model, x), atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["plain", "distilled", "registers", "layerscale"])
+def test_float32_agrees_with_float64(layout):
+    m64 = make_vit(layout)
+    m32 = copy.deepcopy(m64).float()
+    x = make_images(m64, 2)
+    t = vx.explain(m64, x, method="agcam").targets
+    got32 = vx.explain(m32, x.float(), method="agcam", target=t).maps
+    assert got32.dtype == torch.float32
+    assert_maps_close(got32, vx.explain(m64, x, method="agcam").maps, atol=1e-4)
+
+
+def test_refusals():
+    x = make_images(make_vit("plain"), 1)
+    with pytest.raises(vx.UnsupportedModelError, match=r"global_pool='avg'.*identically zero"):
+        vx.explain(make_vit("plain", global_pool="avg"), x, method="agcam")
+    with pytest.raises(vx.UnsupportedModelError, match="no class token"):
+        vx.explain(make_vit("plain", class_token=False, global_pool="avg"), x, method="agcam")
+    with pytest.raises(vx.UnsupportedModelError, match="headless"):
+        vx.explain(make_vit("plain", num_classes=0), x, method="agcam")
+    with pytest.raises(TypeError, match="unknown option"):
+        vx.explain(make_vit("plain"), x, method="agcam", fusion="sum")
+    with pytest.raises(ValueError, match="head_fusion"):
+        vx.explain(make_vit("plain"), x, method="agcam", head_fusion="max")
+
+
+def test_gap_map_would_be_zero():
+    """Why the GAP refusal: under detached attention the CLS stream of an avg-pooled model never reaches the logit."""
+    model = make_vit("plain", global_pool="avg")
+    ref = LiteralAGCAM(model)
+    ref.generate(make_images(model, 1))
+    assert all(torch.count_nonzero(g) == 0 for g in ref.grad_attn)
+
+
+def test_user_model_untouched_and_frozen_params():
+    model = make_vit("plain")
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = make_images(model, 2)
+    got = vx.explain(model, x, method="agcam").maps
+    assert model.training and all(p.grad is None for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    assert_maps_close(got, literal_maps(model.eval(), x), atol=1e-6)

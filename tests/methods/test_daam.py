@@ -1,0 +1,507 @@
+"""DAAM parity tests, specs/daam.md §8.
+
+The reference is a literal port of ly9802/DynamicAccumulatedAttentionMap: `ActivationAndGradients` and
+`DynamicAccumulatedAttentionMap` of utils/DAAM.py (supervised) and utils/SelfSupervisedViT_DAAM.py (SSL), and
+`contri_weight_generate` of DINO_DAAM_Visualization_oneSample.py, run with their hooks on an unfused timm model,
+batch 1.
+Generalisations, all named: the reshape keeps columns P: on an h x w grid (the reference assumes P = 1 and a square
+grid); q_norm / k_norm are applied in the recomputation hook (spec §2: the engine uses the model's real logits);
+`num_classes` of the kNN vote is a parameter (1000 in the reference); the final cv2 resize is left out (no cv2 here),
+so the comparison is on the h x w grid.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+
+import vitx_fast as vx
+from vitx_fast.methods.daam import block_maps, daam_captures, display_maps, spatial_features
+from vitx_fast.methods.daam_memory import MemoryBank
+
+ALL_LAYOUTS = sorted(LAYOUTS)
+
+
+# ---------------------------------------------------------------------------------------------- literal port
+class ClassifierOutputTarget:
+    def __init__(self, category):
+        self.category = category
+
+    def __call__(self, model_output):
+        if len(model_output.shape) == 1:
+            return model_output[self.category]
+        return model_output[:, self.category]
+
+
+class ActivationAndGradients:
+    def __init__(self, model, target_layers):
+        self.model = model
+        self.gradients, self.activations, self.handles = [], [], []
+        for target_layer in target_layers:
+            self.handles.append(target_layer[0].register_forward_hook(self.change_activation))
+            self.handles.append(target_layer[1].register_forward_hook(self.prj_gradient))
+
+    def __call__(self, x):
+        self.activations, self.gradients = [], []
+        return self.model(x)
+
+    def change_activation(self, module, input, output):
+        if not hasattr(output[0], "requires_grad") or not output[0].requires_grad:
+            return
+        x = input[0]
+        B, N, C = x.shape
+        qkv = module.qkv(x).reshape(B, N, 3, module.num_heads, C // module.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k = module.q_norm(q), module.k_norm(k)  # generalisation (identity unless qk_norm)
+        attn = (q @ k.transpose(-2, -1)) * module.scale
+        attn = attn.softmax(dim=-1)
+        attn = module.attn_drop(attn)
+        focus = attn[:, :, 0]
+        focus = focus.unsqueeze(dim=-1)
+        elementwise_product1 = torch.mul(focus, v)
+        elementwise_product = elementwise_product1.transpose(1, 2).reshape(B, N, C)
+        self.activations.append(elementwise_product.cpu().detach())
+
+    def prj_gradient(self, module, input, output):
+        if not hasattr(input[0], "requires_grad") or not input[0].requires_grad:
+            return
+        input[0].register_hook(self.save_grad)
+
+    def save_grad(self, grad):
+        weight = grad[:, 0, :]
+        self.gradients = [weight.cpu().detach()] + self.gradients
+
+    def release(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def make_reshape_transform(P, h, w):
+    def reshape_transform(tensor):
+        bs, _num_tokens, dim = tensor.shape
+        result = tensor[:, P:, :].reshape(bs, h, w, dim)  # reference: [:, 1:] and a sqrt(num_tokens - 1) square
+        return result.transpose(2, 3).transpose(1, 2)
+    return reshape_transform
+
+
+class LiteralDAAM:
+    """Both reference classes: supervised (utils/DAAM.py) and SSL (utils/SelfSupervisedViT_DAAM.py). They differ in the
+    ReLU on the gradients, in `non_liear_mapping` (False / True by default) and in the map given to the linear mapping
+    (the ReLU'd or the raw accumulation, equal since every block map is >= 0)."""
+
+    def __init__(self, model, ssl=False, norm=False, non_liear_mapping=None):
+        self.model = copy.deepcopy(model).eval()
+        for blk in self.model.blocks:
+            blk.attn.fused_attn = False
+        self.ssl, self.norm = ssl, norm
+        self.non_liear_mapping = ssl if non_liear_mapping is None else non_liear_mapping
+        P, (h, w) = self.model.num_prefix_tokens, self.model.patch_embed.grid_size
+        self.reshape_transform = make_reshape_transform(P, h, w)
+        target_layers = [(blk.attn, blk.attn.proj) for blk in self.model.blocks]
+        self.activations_and_grads = ActivationAndGradients(self.model, target_layers)
+        self.cam_per_block_list = None
+
+    # supervised: DynamicAccumulatedAttentionMap.forward
+    def supervised(self, input_tensor, target_label=None):
+        input_tensor = torch.autograd.Variable(input_tensor, requires_grad=True)
+        score_vector = self.activations_and_grads(input_tensor)
+        if target_label is None:
+            predicted_label = np.argmax(score_vector.cpu().data.numpy(), axis=-1)[0]
+            target_categories = np.argmax(score_vector.cpu().data.numpy(), axis=-1)
+            target_label = [ClassifierOutputTarget(category) for category in target_categories]
+        else:
+            predicted_label = target_label[0].category
+        feature_matrix_list = self.activations_and_grads.activations
+        self.model.zero_grad()
+        score = sum([target(output) for target, output in zip(target_label, score_vector)])
+        score.backward(retain_graph=True)
+        gradients_list = self.activations_and_grads.gradients
+        self.gradients_list = gradients_list
+        return self.generate_accumul_cam(gradients_list, feature_matrix_list), predicted_label
+
+    # SSL: forward then generate_fam
+    def ssl_forward(self, input_tensor):
+        input_tensor = torch.autograd.Variable(input_tensor, requires_grad=True)
+        return self.activations_and_grads(input_tensor)
+
+    def generate_fam(self, feature_vector, coefficient):
+        feature_matrix_list = self.activations_and_grads.activations
+        self.model.zero_grad()
+        feature_vector.backward(gradient=coefficient, retain_graph=True)
+        gradients_list = self.activations_and_grads.gradients
+        self.gradients_list = gradients_list
+        return self.generate_accumul_cam(gradients_list, feature_matrix_list)
+
+    def generate_accumul_cam(self, gradients_list, feature_matrix_list):
+        activations_list = [self.reshape_transform(a) for a in feature_matrix_list]
+        weights_list = [g.unsqueeze(dim=-1).unsqueeze(dim=-1) for g in gradients_list]
+        activations_list = [a.cpu().data.numpy() for a in activations_list]
+        grads_list = [g.cpu().data.numpy() for g in weights_list]
+        cam_per_block_list = []
+        for i in range(len(activations_list)):
+            gradient = grads_list[i]
+            activation_map = activations_list[i]
+            if not self.ssl:
+                gradient = np.maximum(gradient, 0)
+            weighted_activations = gradient * activation_map
+            cam = weighted_activations.sum(axis=1)
+            cam = np.maximum(cam, 0)
+            if self.norm:
+                cam = self.max_min_normalize(cam)
+            cam_per_block_list.append(cam)
+        self.cam_per_block_list = cam_per_block_list
+        dynamic_cam_list = [np.concatenate(cam_per_block_list[0:i], axis=0)
+                            for i in range(1, len(cam_per_block_list) + 1)]
+        accumulated = np.concatenate(cam_per_block_list, axis=0)
+        accumul = accumulated.sum(axis=0)
+        global_maximum = np.max(accumul.ravel())
+        global_minimum = np.min(accumul.ravel())
+        cam_list = []
+        for dynamic_cam in dynamic_cam_list:
+            accumul = dynamic_cam.sum(axis=0)
+            accumul_positive = np.maximum(accumul, 0)
+            if self.non_liear_mapping is False:
+                normed_cam = self.global_max_min_norm(accumul_positive, global_maximum, global_minimum)
+            else:
+                normed_cam = self.global_max_min_norm_nonlinearmapping(
+                    accumul_positive if not self.ssl else accumul, global_maximum, global_minimum)
+            cam_list.append(normed_cam)  # the reference then cv2.resize-s to the input size
+        return cam_list
+
+    def max_min_normalize(self, cam):
+        result = []
+        for img in cam:
+            minimum = np.min(img.ravel())
+            img = img - minimum
+            maximum = np.max(img.ravel()) + 1e-10
+            img = img / (maximum)
+            result.append(img)
+        return np.float32(result)
+
+    def global_max_min_norm(self, cam, global_maximum, global_minimum):
+        current_maximum = np.max(cam.ravel())
+        current_minimum = np.min(cam.ravel())
+        img = (cam - global_minimum) / (current_maximum - global_minimum + 1e-10)
+        img = np.maximum(img, 0)
+        ratio = (current_maximum - current_minimum) / (global_maximum - global_minimum)
+        r = 255 * ratio
+        return np.uint8(r * img)
+
+    def global_max_min_norm_nonlinearmapping(self, cam, global_maximum, global_minimum):
+        img = (cam - 0) / (global_maximum - 0)
+        img = self.sigmod_variant(img, 5)
+        sigmod_maximum = np.max(img.ravel())
+        sigmod_minimum = np.min(img.ravel())
+        norm_img = (img - sigmod_minimum) / (sigmod_maximum - sigmod_minimum)
+        return np.uint8(255 * norm_img)
+
+    def sigmod(self, x):
+        return 1 / (1 + np.exp(-x))
+
+    def sigmod_variant(self, x, apha=1.0):
+        y = self.sigmod(apha * x)
+        return y - 0.5
+
+
+def contribution_weight(product):
+    simi_score = torch.sum(product, dim=-1, keepdim=False)
+    if simi_score != 0:
+        return torch.div(product, simi_score.abs())
+    return product
+
+
+def max_min_normal(coefficient):
+    if coefficient.max() > coefficient.min():
+        return torch.div(coefficient - coefficient.min(), coefficient.max() - coefficient.min())
+    return torch.ones_like(coefficient)
+
+
+def contri_weight_generate(feature_vector, memory_bank, train_labels, k=20, T=0.07, num_classes=1000):
+    batch_size = feature_vector.size(dim=0)
+    retrieval_one_hot = torch.zeros(k, num_classes).to(memory_bank.device)
+    feature_vector_norm = F.normalize(feature_vector, dim=1, p=2, eps=1e-12)
+    similarity = torch.mm(feature_vector_norm, memory_bank)
+    distances, indices = similarity.topk(k, largest=True, dim=-1, sorted=True)
+    selected_memorybank = torch.index_select(memory_bank, dim=-1, index=indices.squeeze(dim=0))
+    candidates = train_labels.contiguous().view(1, -1).expand(batch_size, -1)
+    retrieved_neighbors = torch.gather(candidates, dim=1, index=indices)
+    selected_train_labels = retrieved_neighbors.contiguous().view(-1, 1)
+    retrieval_one_hot.resize_(batch_size * k, num_classes).zero_()
+    retrieval_one_hot.scatter_(1, selected_train_labels, 1)
+    distances_transform = distances.clone().div_(T).exp_()
+    temp3 = retrieval_one_hot.contiguous().view(batch_size, -1, num_classes)
+    temp4 = distances_transform.contiguous().view(batch_size, -1, 1)
+    temp5 = torch.mul(temp3, temp4)
+    probs = torch.sum(temp5, dim=1, keepdim=False)
+    _, predictions = probs.sort(dim=1, descending=True)
+    predicted_class = predictions[:, 0].squeeze(dim=0)
+    class_label = predicted_class.cpu().item()
+    mask = torch.eq(retrieved_neighbors, predicted_class)
+    num_channels = feature_vector.size(dim=1)
+    mask2 = mask.expand(num_channels, -1)
+    predictedclass_memorybank = torch.masked_select(selected_memorybank, mask2).contiguous().view(num_channels, -1)
+    multiply = torch.mul(feature_vector_norm.unsqueeze(dim=2), predictedclass_memorybank.unsqueeze(dim=0))
+    mean_multiply = torch.mean(multiply, dim=-1, keepdim=False)
+    contri_weight = contribution_weight(mean_multiply[0])
+    contri_weight = max_min_normal(contri_weight)
+    return contri_weight, class_label
+
+
+def literal_supervised(model, images, targets=None, **kw):
+    """Per image: (uint8 maps (B, L, h, w), block maps (B, L, h, w), gradients (B, L, D), labels)."""
+    ref = LiteralDAAM(model, **kw)
+    out = []
+    for i in range(images.shape[0]):
+        tl = None if targets is None else [ClassifierOutputTarget(int(targets[i]))]
+        cams, label = ref.supervised(images[i:i + 1], tl)
+        out.append((np.stack(cams), np.concatenate(ref.cam_per_block_list), torch.cat(ref.gradients_list), label))
+    return [torch.as_tensor(np.stack(z)) for z in zip(*out)]
+
+
+def literal_ssl(model, images, bank: MemoryBank, k=20, T=0.07, **kw):
+    ref = LiteralDAAM(model, ssl=True, **kw)
+    out = []
+    for i in range(images.shape[0]):
+        fv = ref.ssl_forward(images[i:i + 1])
+        w, label = contri_weight_generate(fv, bank.features.t(), bank.labels, k=k, T=T, num_classes=bank.num_classes)
+        cams = ref.generate_fam(fv, w.unsqueeze(dim=0))
+        out.append((np.stack(cams), np.concatenate(ref.cam_per_block_list), torch.cat(ref.gradients_list), label))
+    return [torch.as_tensor(np.stack(z)) for z in zip(*out)]
+
+
+def synthetic_bank(model, n=24, classes=4, seed=5) -> MemoryBank:
+    imgs = make_images(model, n, seed=seed)
+    labels = torch.arange(n) % classes
+    return MemoryBank.build(model, imgs, labels, batch_size=10)
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("layout,fused", [(lay, False) for lay in ALL_LAYOUTS] +
+                         [(lay, True) for lay in ("plain", "registers", "distilled", "nonsquare")])
+def test_supervised_matches_literal(layout, fused):
+    model = make_vit(layout, fused=fused)
+    x = make_images(model, 3)
+    e8 = vx.explain(model, x, method="daam", output="uint8")
+    ef = vx.explain(model, x, method="daam")
+    cams, blocks, _, labels = literal_supervised(model, x, non_liear_mapping=True)
+    L, (h, w) = len(model.blocks), model.patch_embed.grid_size
+    assert torch.equal(e8.targets, labels)
+    assert e8.flow.shape == (3, L, h, w) and e8.flow.dtype == torch.uint8
+    assert torch.equal(e8.flow, cams), "uint8 display maps differ from the literal port"
+    assert torch.equal(e8.maps, cams[:, -1])
+    assert_structured(ef.extras["block_maps"][:, -1])
+    torch.testing.assert_close(ef.extras["block_maps"], blocks, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(ef.extras["accumulated"], blocks.cumsum(1), atol=1e-12, rtol=1e-9)
+    diff = ef.flow * 255 - cams.double()
+    assert diff.min() >= -1e-9 and diff.max() < 1 + 1e-9, "float path is not within 1/255 above the uint8 path"
+    # batched equals per-image
+    one = vx.explain(model, x[2:3], method="daam")
+    torch.testing.assert_close(one.flow[0], ef.flow[2], atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "nonsquare", "distilled"])
+def test_linear_display_and_norm_match_literal(layout):
+    model = make_vit(layout)
+    x = make_images(model, 2)
+    t = torch.tensor([1, 4])
+    e = vx.explain(model, x, method="daam", target=t, display="linear", output="uint8")
+    cams, *_ = literal_supervised(model, x, t, non_liear_mapping=False)  # utils/DAAM.py's own default
+    assert torch.equal(e.flow, cams)
+    ef = vx.explain(model, x, method="daam", target=t, display="linear")
+    diff = ef.flow * 255 - cams.double()
+    assert diff.min() >= -1e-9 and diff.max() < 1 + 1e-9
+    # norm=True: the reference casts each normalised block map to float32, so compare to float32 precision
+    en = vx.explain(model, x, method="daam", target=t, norm=True)
+    _, blocks_n, *_ = literal_supervised(model, x, t, norm=True)
+    torch.testing.assert_close(en.extras["block_maps"], blocks_n.double(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["supervised", "ssl"])
+@pytest.mark.parametrize("layout", ["plain", "registers", "qknorm", "nonsquare"])
+def test_cheaper_formula_and_identity(layout, mode):
+    model = make_vit(layout)
+    x = make_images(model, 2)
+    ad = vx.ViTAdapter(model)
+    targets = model(x).argmax(-1)
+    onehot = F.one_hot(targets, model.num_classes).double()
+    a, v, C, _ = daam_captures(ad, x, onehot, mode)
+    S = spatial_features(a, v)  # (B, L, T, D)
+    M = block_maps(S, C, ad.num_prefix_tokens, mode)
+    # cheaper formula: M[j] = ReLU(Σ_h a[h, j] <V[h, j], g[h]>), S never materialised
+    g = (torch.relu(C) if mode == "supervised" else C).reshape(*C.shape[:2], ad.num_heads, ad.head_dim)
+    cheap = torch.relu(torch.einsum("blht,blhtd,blhd->blt", a, v, g))[..., ad.num_prefix_tokens:]
+    torch.testing.assert_close(M, cheap, atol=1e-12, rtol=1e-9)
+    # decomposition identity: Σ_j S[j] = O[0]; the recomputed row a equals the unfused attention row
+    with torch.no_grad():
+        rec = ad.forward(x)
+    ctx0 = torch.stack([b.attn.context[:, 0] for b in rec.blocks], 1)
+    torch.testing.assert_close(S.sum(2), ctx0, atol=1e-12, rtol=1e-10)
+    rows = []
+    hooks = [blk.attn.attn_drop.register_forward_hook(lambda m, i, o: rows.append(o[:, :, 0])) for blk in model.blocks]
+    model(x)
+    for hk in hooks:
+        hk.remove()
+    torch.testing.assert_close(a, torch.stack(rows, 1), atol=1e-13, rtol=1e-10)
+
+
+def test_gradients_match_reference_hooks_in_block_order():
+    model = make_vit("deep_1head")
+    x = make_images(model, 1)
+    ad = vx.ViTAdapter(model)
+    t = model(x).argmax(-1)
+    _, _, C, _ = daam_captures(ad, x, F.one_hot(t, model.num_classes).double(), "supervised")
+    _, _, grads, _ = literal_supervised(model, x)
+    assert grads.shape == C.shape == (1, len(model.blocks), model.embed_dim)
+    torch.testing.assert_close(C, grads, atol=1e-12, rtol=1e-9)
+    # every block's coefficient differs, so a reversed order would fail
+    assert (C[0, 1:] - C[0, :-1]).abs().amax() > 1e-3
+    assert (C < 0).any(), "some coefficients must be negative for the supervised ReLU to matter"
+
+
+def test_ssl_relu_only_in_supervised_mode():
+    model = make_vit("plain")
+    x = make_images(model, 2)
+    e = vx.explain(model, x, method="daam", mode="ssl")
+    a, v, C, _ = daam_captures(vx.ViTAdapter(model), x, None, "ssl")
+    S = spatial_features(a, v)
+    torch.testing.assert_close(e.extras["block_maps"].flatten(2), block_maps(S, C, 1, "ssl"))
+    assert (block_maps(S, C, 1, "ssl") - block_maps(S, C, 1, "supervised")).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("layout", ["plain", "registers", "distilled", "nonsquare"])
+def test_ssl_with_bank_matches_literal(layout):
+    model = make_vit(layout)
+    bank = synthetic_bank(model)
+    x = make_images(model, 3, seed=1)
+    e8 = vx.explain(model, x, method="daam", mode="ssl", memory_bank=bank, k=5, output="uint8")
+    ef = vx.explain(model, x, method="daam", mode="ssl", memory_bank=bank, k=5)
+    cams, blocks, _, labels = literal_ssl(model, x, bank, k=5)
+    assert torch.equal(e8.targets, labels) and torch.equal(ef.targets, labels)
+    assert torch.equal(e8.flow, cams)
+    torch.testing.assert_close(ef.extras["block_maps"], blocks, atol=1e-12, rtol=1e-9)
+    assert_structured(ef.maps)
+
+
+def test_headless_ssl_and_bank_round_trip(tmp_path):
+    model = make_vit("registers", num_classes=0)
+    bank = synthetic_bank(model, n=30, classes=3)
+    assert bank.features.shape == (30, model.embed_dim)
+    torch.testing.assert_close(bank.features.norm(dim=1), torch.ones(30, dtype=torch.float64))
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = MemoryBank.load(path)
+    assert torch.equal(loaded.features, bank.features) and torch.equal(loaded.labels, bank.labels)
+    assert loaded.labels.dtype == torch.int64
+    x = make_images(model, 2, seed=3)
+    by_path = vx.explain(model, x, method="daam", mode="ssl", memory_bank=str(path), k=7)
+    by_obj = vx.explain(model, x, method="daam", mode="ssl", memory_bank=bank, k=7)
+    assert by_obj.logits is None
+    assert torch.equal(by_path.flow, by_obj.flow) and torch.equal(by_path.targets, by_obj.targets)
+    cams, _, _, labels = literal_ssl(model, x, bank, k=7)
+    assert torch.equal(by_obj.targets, labels)
+    e8 = vx.explain(model, x, method="daam", mode="ssl", memory_bank=bank, k=7, output="uint8")
+    assert torch.equal(e8.flow, cams)
+    # no bank: self-neighbour fallback, targets -1
+    nb = vx.explain(model, x, method="daam", mode="ssl")
+    assert torch.equal(nb.targets, torch.tensor([-1, -1]))
+    assert torch.isfinite(nb.flow).all()
+    with pytest.raises(vx.UnsupportedModelError, match="headless"):
+        vx.explain(model, x, method="daam")
+
+
+def test_bank_build_from_dataloader_and_errors(tmp_path):
+    model = make_vit("plain", num_classes=0)
+    imgs = make_images(model, 10, seed=2)
+    labels = torch.arange(10) % 3
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs, labels), batch_size=4)
+    a = MemoryBank.build(model, dl)
+    b = MemoryBank.build(model, imgs, labels, batch_size=3)
+    torch.testing.assert_close(a.features, b.features)
+    assert torch.equal(a.labels, b.labels)
+    with torch.no_grad():
+        torch.testing.assert_close(a.features, F.normalize(model(imgs), dim=1))
+    with pytest.raises(ValueError, match="labels are required"):
+        MemoryBank.build(model, imgs)
+    with pytest.raises(FileNotFoundError, match="no memory bank file"):
+        MemoryBank.load(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        MemoryBank.load(bad)
+    from safetensors.torch import save_file
+    save_file({"features": torch.randn(4, 3)}, str(tmp_path / "nolabels.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        MemoryBank.load(tmp_path / "nolabels.safetensors")
+    save_file({"features": torch.randn(4, 3), "labels": torch.zeros(5, dtype=torch.int64)},
+              str(tmp_path / "mismatch.safetensors"))
+    with pytest.raises(ValueError, match="malformed"):
+        MemoryBank.load(tmp_path / "mismatch.safetensors")
+    with pytest.raises(FileNotFoundError):
+        vx.explain(model, imgs[:1], method="daam", mode="ssl", memory_bank=str(tmp_path / "nope.safetensors"))
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_weights_match_contri_weight_generate(k):
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(60, 16, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(0, 5, (60,), generator=g)
+    bank = MemoryBank(feats, labels)
+    f = torch.randn(4, 16, generator=g, dtype=torch.float64) * 3
+    w, pred = bank.weights(f, k=k, temperature=0.07)
+    assert w.shape == (4, 16) and pred.shape == (4,)
+    for i in range(4):
+        wr, lr = contri_weight_generate(f[i:i + 1], feats.t(), labels, k=k, T=0.07, num_classes=5)
+        torch.testing.assert_close(w[i], wr, atol=1e-14, rtol=1e-12)
+        assert int(pred[i]) == lr
+        assert w[i].min() == 0 and w[i].max() == 1
+    # dividing by |Σp| does not change the min-max result
+    fn = F.normalize(f[:1], dim=1)[0]
+    p = fn * feats[:3].mean(0)
+    torch.testing.assert_close(max_min_normal(contribution_weight(p)), max_min_normal(p), atol=1e-14, rtol=1e-12)
+
+
+@pytest.mark.parametrize("display", ["nonlinear", "linear"])
+@pytest.mark.parametrize("output", ["float", "uint8"])
+def test_degenerate_all_zero_gives_zeros(display, output):
+    n, acc = display_maps(torch.zeros(2, 3, 12, dtype=torch.float64), display, output)
+    assert (n == 0).all() and (acc == 0).all()
+    # a model whose target logit does not depend on the image: every coefficient and block map is 0
+    model = make_vit("plain")
+    with torch.no_grad():
+        model.head.weight.zero_()
+    x = make_images(model, 2)
+    e = vx.explain(model, x, method="daam", display=display, output=output)
+    assert (e.extras["block_maps"] == 0).all()
+    assert torch.isfinite(e.flow.double()).all() and (e.flow == 0).all()
+
+
+def test_fused_on_off_and_float32():
+    a, b = make_vit("registers", fused=False), make_vit("registers", fused=True)
+    x = make_images(a, 2)
+    ea, eb = vx.explain(a, x, method="daam"), vx.explain(b, x, method="daam")
+    torch.testing.assert_close(ea.flow, eb.flow, atol=1e-12, rtol=1e-10)
+    e32 = vx.explain(copy.deepcopy(a).float(), x.float(), method="daam", target=ea.targets)
+    assert e32.flow.dtype == torch.float32
+    assert_maps_close(e32.extras["block_maps"].flatten(0, 1), ea.extras["block_maps"].flatten(0, 1), atol=1e-4)
+
+
+def test_refusals_and_options():
+    x = make_images(make_vit("plain"), 1)
+    with pytest.raises(vx.UnsupportedModelError, match="scale_norm"):
+        vx.explain(make_vit("plain", scale_attn_norm=True), x, method="daam")
+    with pytest.raises(vx.UnsupportedModelError, match="no class token"):
+        vx.explain(make_vit("plain", class_token=False, global_pool="avg"), x, method="daam")
+    with pytest.raises(vx.UnsupportedModelError, match="headless"):
+        vx.explain(make_vit("plain", num_classes=0), x, method="daam", mode="supervised")
+    with pytest.raises(ValueError, match="only used with mode='ssl'"):
+        vx.explain(make_vit("plain"), x, method="daam", memory_bank="bank.safetensors")
+    for bad in ({"k": 0}, {"temperature": 0.0}, {"display": "gamma"}, {"output": "png"}, {"mode": "dino"}):
+        with pytest.raises(ValueError):
+            vx.explain(make_vit("plain"), x, method="daam", **bad)
+    # a GAP head is fine for DAAM: ordinary autograd reaches every block's CLS row through the later blocks
+    e = vx.explain(make_vit("plain", global_pool="avg"), make_images(make_vit("plain"), 2), method="daam")
+    assert torch.isfinite(e.flow).all()

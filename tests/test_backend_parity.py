@@ -1,0 +1,98 @@
+"""Every fast (fused) implementation equals the reference path: min-max-normalised maps within 1e-9 in float64 and
+1e-5 in float32, on random models across layouts, batch sizes and options; and it is the one selected by default."""
+import itertools
+
+import pytest
+import torch
+from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+
+import vitx_fast as vx
+
+CASES = [
+    ("rollout", {}),
+    ("rollout", dict(head_fusion="max", discard_ratio=0.5, renorm="jacobgil")),
+    ("rollout", dict(head_fusion="min", discard_ratio=0.2, renorm="row")),
+    ("gae", {}),
+    ("lrp", {}),
+    ("lrp", dict(start_layer=1)),
+] + [
+    ("reciprocam", dict(mask=mask, cls_token=cls, residual=res, score=score))
+    for mask, cls, res, score in itertools.product(("gaussian", "onehot"), (True, False),
+                                                   ("unmasked", "masked", "ln1"), ("softmax", "logit"))
+]
+TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def _id(case):
+    method, kw = case
+    return method + ("-" + "-".join(f"{k}={v}" for k, v in kw.items()) if kw else "")
+
+
+def _fused_serves(method):
+    return "fused" in vx.get_method(method).impls
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_fused_equals_reference_float64(layout, case):
+    method, kw = case
+    if not _fused_serves(method):
+        pytest.skip(f"no fused {method}")
+    model = make_vit(layout)
+    batch = 3 if layout in ("plain", "registers", "distilled") else 1
+    x = make_images(model, batch)
+    target = torch.randint(0, model.num_classes, (batch, 2))
+    fast = vx.explain(model, x, method=method, target=target, **kw)
+    ref = vx.explain(model, x, method=method, target=target, backend="reference", **kw)
+    assert fast.backend == "fused" and ref.backend == "reference"
+    assert torch.equal(fast.targets, ref.targets)
+    assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
+    assert_structured(ref.maps.flatten(0, 1))
+
+
+@pytest.mark.parametrize("method", ["rollout", "gae", "lrp", "reciprocam"])
+@pytest.mark.parametrize("layout", ["plain", "registers", "nonsquare", "qknorm"])
+def test_fused_equals_reference_float32(layout, method):
+    """float32: fast vs reference in float32 within 1e-5, or (ill-conditioned maps such as LRP's divisions) the fast
+    path's error against the float64 reference at most twice the float32 reference's own error plus 1e-5."""
+    model64 = make_vit(layout)
+    model = make_vit(layout, dtype=torch.float32)
+    x = make_images(model64, 2)
+    fast = vx.explain(model, x.float(), method=method)
+    ref32 = vx.explain(model, x.float(), method=method, backend="reference")
+    ref64 = vx.explain(model64, x, method=method, backend="reference")
+    assert fast.backend == "fused"
+    n = vx.normalize
+    err_fast = (n(fast.maps.double()) - n(ref64.maps)).abs().max().item()
+    err_ref = (n(ref32.maps.double()) - n(ref64.maps)).abs().max().item()
+    direct = (n(fast.maps.double()) - n(ref32.maps.double())).abs().max().item()
+    assert direct <= TOL[torch.float32] or err_fast <= 2 * err_ref + TOL[torch.float32], (direct, err_fast, err_ref)
+
+
+@pytest.mark.parametrize("method", ["rollout", "gae", "lrp", "reciprocam"])
+def test_fused_default_top1_and_logits(method):
+    model = make_vit("distilled", fused=True)
+    x = make_images(model, 2)
+    fast = vx.explain(model, x, method=method)
+    logits = model(x)
+    torch.testing.assert_close(fast.logits, logits)
+    assert torch.equal(fast.targets, logits.argmax(-1))
+    assert fast.maps.shape == (2, 4, 4)
+
+
+def test_reciprocam_all_classes_one_pass():
+    model = make_vit("nonsquare")
+    x = make_images(model, 2)
+    allc = vx.explain(model, x, method="reciprocam", target="all")
+    assert allc.backend == "fused" and allc.maps.shape == (2, model.num_classes, 3, 5)
+    ref = vx.explain(model, x, method="reciprocam", target="all", backend="reference")
+    assert_maps_close(allc.maps, ref.maps, 1e-9)
+
+
+def test_fused_refusals_fall_back_to_reference():
+    model = make_vit("plain", global_pool="avg")
+    x = make_images(model, 1)
+    assert vx.explain(model, x, method="reciprocam").backend == "reference"
+    with pytest.raises(ValueError, match="token-pooled head"):
+        vx.explain(model, x, method="reciprocam", backend="fused")
+    assert vx.explain(make_vit("plain"), x, method="reciprocam", official=True).backend == "reference"
