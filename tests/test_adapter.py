@@ -56,13 +56,14 @@ def test_model_untouched_after_success_and_error():
         raise RuntimeError("boom inside a method")
 
     meth = vx.get_method("rollout")
-    orig = meth.impls["reference"]
-    meth.impls["reference"] = boom
+    orig = dict(meth.impls)
+    meth.impls.update({name: boom for name in orig})
     try:
-        with pytest.raises(RuntimeError, match="boom"):
-            vx.explain(model, x, method="rollout")
+        for backend in orig:
+            with pytest.raises(RuntimeError, match="boom"):
+                vx.explain(model, x, method="rollout", backend=backend)
     finally:
-        meth.impls["reference"] = orig
+        meth.impls.update(orig)
     assert model.training and all(m.training for m in model.modules())
     assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == flags
     for m in model.modules():

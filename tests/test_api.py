@@ -89,7 +89,7 @@ def test_headless_model():
 
 def test_backend_selection(model, monkeypatch):
     x = make_images(model, 1)
-    assert vx.explain(model, x, method="rollout").backend == "reference"
+    assert vx.explain(model, x, method="rollout").backend == "fused"  # the fastest that can serve
     assert vx.explain(model, x, method="rollout", backend="reference").backend == "reference"
     with pytest.raises(ValueError, match="unknown backend 'cuda9'"):
         vx.explain(model, x, method="rollout", backend="cuda9")

@@ -22,6 +22,7 @@ def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None
     """
     m = get_method(method)
     opts = m.resolve_options(options)
+    m.check_target(target, opts)
     adapter = ViTAdapter(model)
     reasons = m.refusals(adapter, opts)
     if reasons:

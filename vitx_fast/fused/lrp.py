@@ -17,10 +17,12 @@ def lrp_fused(adapter, images, resolve, opts) -> MethodResult:
     probs = [b.attn.probs for b in rec.blocks]
     cols = target_columns(targets)
     P, (h, w) = adapter.num_prefix_tokens, adapter.grid_for(*images.shape[-2:])
-    maps = []
+    maps, sums = [], []
     for j, t in enumerate(cols):
         grads = logit_grads(rec, t, probs[s:], retain=j < len(cols) - 1)
-        cams, _ = chefer_relprop(adapter, plain, t, s)
+        cams, sums_j = chefer_relprop(adapter, plain, t, s)
+        sums.append(sums_j)
         mats = [(g * c).clamp(min=0).mean(dim=1) for g, c in zip(grads, cams[s:])]
         maps.append(row_chain_plus_identity(mats)[:, P:].reshape(-1, h, w))
-    return MethodResult(maps=stack_columns(maps, targets), targets=targets, logits=logits)
+    return MethodResult(maps=stack_columns(maps, targets), targets=targets, logits=logits,
+                        extras={"relevance_sums": stack_columns(sums, targets)})

@@ -70,6 +70,9 @@ class Method:
     def validate_options(self, opts: dict[str, Any]) -> None:
         """Extra checks on resolved options (ranges etc.); raise ValueError."""
 
+    def check_target(self, target, opts: dict[str, Any]) -> None:
+        """Reject a `target` argument this method cannot honour (raise ValueError)."""
+
     # -- model support
     def needs_head(self, opts: dict[str, Any]) -> bool:
         return not self.class_agnostic

@@ -37,6 +37,11 @@ class DAAM(Method):
         if bank is not None and opts["mode"] != "ssl":
             raise ValueError("daam: memory_bank is only used with mode='ssl'")
 
+    def check_target(self, target, opts):
+        if opts["mode"] == "ssl" and target is not None:
+            raise ValueError("daam: mode='ssl' explains the class voted by the kNN memory bank (or the features "
+                             "themselves without a bank); pass target=None")
+
     def needs_head(self, opts):
         # SSL mode weights the model's output features, so headless (DINO-style) models are fine
         return opts["mode"] == "supervised"

@@ -30,4 +30,4 @@ def _load_builtin() -> None:
     from vitx_fast.methods import agcam, chefer_lrp, daam, gae, grad_rollout, reciprocam, rollout  # noqa: F401
     # fast implementations register themselves beside the reference ones
     from vitx_fast.fused import reciprocam as _fused_reciprocam  # noqa: F401
-    from vitx_fast.fused import gae as _fused_gae, lrp as _fused_lrp, rollout as _fused_rollout  # noqa: F401
+    from vitx_fast.fused import agcam as _fa, daam as _fd, gae as _fg, lrp as _fl, rollout as _fro  # noqa: F401
