@@ -331,11 +331,15 @@ class ViTAdapter:
             x = self.block(i, x).z
         return self.head(x)
 
-    def run_until(self, stop: int, images: torch.Tensor) -> torch.Tensor:
-        """Embedding and blocks 0..stop-1; returns the input of block `stop`, (B, T, D)."""
+    def run_until(self, stop: int, images: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """Embedding and blocks 0..stop-1; returns the input of block `stop`, (B, T, D).
+
+        native=True calls the blocks' own forward (fused SDPA where timm enables it): nothing is captured, and no
+        T x T attention is materialised.
+        """
         x = self.embed(images)
         for i in range(stop):
-            x = self.block(i, x).z
+            x = self.model.blocks[i](x) if native else self.block(i, x).z
         return x
 
     def logits(self, images: torch.Tensor) -> torch.Tensor | None:
