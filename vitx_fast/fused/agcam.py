@@ -19,7 +19,7 @@ def agcam_forward(adapter, images: torch.Tensor):
         x = adapter.embed(images)
         keep = []
         for i in range(adapter.depth):
-            rec = adapter.block(i, x)
+            rec = adapter.block(i, x, capture="cls")
             a = rec.attn
             keep.append((a.logits[:, :, 0, :], a.v, rec.x[:, 0], a.context[:, 0], rec.u[:, 0]))
             x = rec.z

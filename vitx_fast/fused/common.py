@@ -6,11 +6,11 @@ import torch
 from vitx_fast.models.timm_adapter import ForwardRecord
 
 
-def graph_forward(adapter, images: torch.Tensor) -> ForwardRecord:
+def graph_forward(adapter, images: torch.Tensor, capture: str = "full") -> ForwardRecord:
     """Forward with an autograd graph rooted at the block-0 input (works with frozen parameters and under no_grad);
-    the caller differentiates the recorded tensors. images: (B, C, H, W)."""
+    the caller differentiates the recorded tensors. images: (B, C, H, W). capture: see ViTAdapter.attention."""
     with torch.enable_grad():
-        return adapter.forward(images, tokens_hook=lambda x: x.detach().requires_grad_(True))
+        return adapter.forward(images, tokens_hook=lambda x: x.detach().requires_grad_(True), capture=capture)
 
 
 def target_columns(targets: torch.Tensor) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ def daam_block_maps(a: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.
 @DAAM.instance.register("fused", resolves_targets=True)
 def daam_fused(adapter, images, resolve, opts) -> MethodResult:
     mode = opts["mode"]
-    rec = graph_forward(adapter, images)
+    rec = graph_forward(adapter, images, capture="cls")  # SDPA both ways: no B x H x T x T probabilities
     out = rec.output
     ctx = [b.attn.context for b in rec.blocks]
     with torch.no_grad():

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class UnsupportedModelError(ValueError):
@@ -254,11 +255,14 @@ class ViTAdapter:
         probs_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         context_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         index: int = 0,
+        capture: str = "full",
     ) -> AttentionRecord:
         """timm Attention on u: (B, T, D), with the attention core computed explicitly (unfused).
 
         probs_hook / context_hook may replace the probabilities (B, H, T, T) or the merged context (B, T, D), e.g. by
         a tensor that requires grad, so that gradient methods can differentiate with respect to them.
+        capture="cls" computes the output with fused SDPA and records only the CLS query's row: logits and probs are
+        then (B, H, 1, T) (probs_hook does not apply).
         """
         attn = blk.attn
         B, T, _ = u.shape
@@ -266,12 +270,18 @@ class ViTAdapter:
         qkv = attn.qkv(u).reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        probs = logits.softmax(dim=-1)
-        probs = attn.attn_drop(probs)
-        if probs_hook is not None:
-            probs = probs_hook(index, probs)
-        ctx = (probs @ v).transpose(1, 2).reshape(B, T, attn.attn_dim)
+        if capture == "cls":
+            # fused SDPA for the output; only the CLS query's row of the scores is formed (exact, O(T*D))
+            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            probs = logits.softmax(dim=-1)
+            ctx = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2).reshape(B, T, attn.attn_dim)
+        else:
+            logits = (q * attn.scale) @ k.transpose(-2, -1)
+            probs = logits.softmax(dim=-1)
+            probs = attn.attn_drop(probs)
+            if probs_hook is not None:
+                probs = probs_hook(index, probs)
+            ctx = (probs @ v).transpose(1, 2).reshape(B, T, attn.attn_dim)
         if context_hook is not None:
             ctx = context_hook(index, ctx)
         o = attn.norm(ctx)
@@ -288,12 +298,14 @@ class ViTAdapter:
         detach_attn_input: bool = False,
         probs_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         context_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        capture: str = "full",
     ) -> BlockRecord:
         """One pre-norm block on x: (B, T, D)."""
         blk = self.model.blocks[index]
         u = blk.norm1(x)
         a_in = u.detach() if detach_attn_input else u
-        rec = self.attention(blk, a_in, probs_hook=probs_hook, context_hook=context_hook, index=index)
+        rec = self.attention(blk, a_in, probs_hook=probs_hook, context_hook=context_hook, index=index,
+                             capture=capture)
         y = x + blk.drop_path1(blk.ls1(rec.out))
         z = y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
         return BlockRecord(x=x, u=u, attn=rec, y=y, z=z)
@@ -310,6 +322,7 @@ class ViTAdapter:
         probs_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         context_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         tokens_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        capture: str = "full",
     ) -> ForwardRecord:
         """Full forward with per-block records. Hooks let a method swap in tensors that it differentiates."""
         x = self.embed(images)
@@ -318,7 +331,8 @@ class ViTAdapter:
         tokens = x
         blocks = []
         for i in range(self.depth):
-            rec = self.block(i, x, detach_attn_input=detach_attn_input, probs_hook=probs_hook, context_hook=context_hook)
+            rec = self.block(i, x, detach_attn_input=detach_attn_input, probs_hook=probs_hook, context_hook=context_hook,
+                             capture=capture)
             blocks.append(rec)
             x = rec.z
         final = self.model.norm(x)
