@@ -49,16 +49,17 @@ def pooled_rows(adapter) -> list[int]:
     return [0, 1] if adapter.distilled else [0]
 
 
-# working set of one chunk of variants (gathered active keys/values and the MLP rows)
-CHUNK_BUDGET_BYTES = 32 * 2**20
+# working set of one chunk of variants per image (gathered active keys/values and the MLP rows); the chunk size
+# depends on no input value or batch size, so the program traces with a dynamic batch
+CHUNK_BUDGET_BYTES_PER_IMAGE = 8 * 2**20
 
 
-def variant_chunk(batch: int, active: int, dim: int, hidden: int, itemsize: int, chunk: int | None) -> int:
-    """Variants per chunk: the user's `chunk`, or as many as fit CHUNK_BUDGET_BYTES."""
+def variant_chunk(active: int, dim: int, hidden: int, itemsize: int, chunk: int | None) -> int:
+    """Variants per chunk: the user's `chunk`, or as many as fit CHUNK_BUDGET_BYTES_PER_IMAGE."""
     if chunk:
         return int(chunk)
-    per_variant = batch * (3 * active * dim + 2 * hidden + 8 * dim) * itemsize
-    return max(1, CHUNK_BUDGET_BYTES // per_variant)
+    per_variant = (3 * active * dim + 2 * hidden + 8 * dim) * itemsize
+    return max(1, CHUNK_BUDGET_BYTES_PER_IMAGE // per_variant)
 
 
 def last_block_scores(adapter, images: torch.Tensor, opts):
@@ -108,7 +109,7 @@ def last_block_scores(adapter, images: torch.Tensor, opts):
     del k_full, v_full
 
     hidden = getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * D)
-    step = variant_chunk(B, A, D, hidden, x.element_size(), opts.get("chunk"))
+    step = variant_chunk(A, D, hidden, x.element_size(), opts.get("chunk"))
 
     scores = []
     for c0 in range(0, N, step):

@@ -1,0 +1,32 @@
+"""The gradient-free fused paths are single tensor programs: torch.export traces them with a dynamic batch and the
+exported program reproduces `vx.explain`."""
+import pytest
+import torch
+from utils import make_images, make_vit
+
+import vitx_fast as vx
+from vitx_fast.export import ExplainerModule
+
+
+@pytest.mark.parametrize("method,target,kw", [
+    ("reciprocam", "all", {}),
+    ("reciprocam", None, dict(mask="onehot", cls_token=False, residual="masked")),
+    ("rollout", None, {}),
+    ("rollout", None, dict(head_fusion="max")),
+])
+@pytest.mark.parametrize("layout", ["registers", "nonsquare", "distilled"])
+def test_torch_export_dynamic_batch(layout, method, target, kw):
+    model = make_vit(layout, dtype=torch.float32)
+    x = make_images(model, 2).float()
+    mod = ExplainerModule(model, method, target=target, **kw)
+    ep = torch.export.export(mod, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    x3 = make_images(model, 3, seed=5).float()
+    logits, maps = ep.module()(x3)
+    ref = vx.explain(model, x3, method=method, target=target, **kw)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps, ref.maps, rtol=1e-5, atol=1e-5)
+
+
+def test_explainer_module_rejects_bad_target():
+    with pytest.raises(ValueError, match="target must be None"):
+        ExplainerModule(make_vit("plain"), "rollout", target=3)
