@@ -11,10 +11,9 @@ from vitx_fast.export import ExplainerModule
 @pytest.mark.parametrize("method,target,kw", [
     ("reciprocam", "all", {}),
     ("reciprocam", None, dict(mask="onehot", cls_token=False, residual="masked")),
-    ("rollout", None, {}),
     ("rollout", None, dict(head_fusion="max")),
 ])
-@pytest.mark.parametrize("layout", ["registers", "nonsquare", "distilled"])
+@pytest.mark.parametrize("layout", ["registers", "distilled"])
 def test_torch_export_dynamic_batch(layout, method, target, kw):
     model = make_vit(layout, dtype=torch.float32)
     x = make_images(model, 2).float()
