@@ -108,3 +108,21 @@ def test_fused_refusals_fall_back_to_reference():
     with pytest.raises(ValueError, match="token-pooled head"):
         vx.explain(model, x, method="reciprocam", backend="fused")
     assert vx.explain(make_vit("plain"), x, method="reciprocam", official=True).backend == "reference"
+
+
+@pytest.mark.parametrize("method", ["agcam", "gae", "lrp", "daam"])
+def test_autograd_fallback_for_modules_without_explicit_vjp(method):
+    """A SiLU MLP has no explicit VJP here: the fused path falls back to autograd and still equals the reference."""
+    import torch.nn as nn
+
+    from vitx_fast.fused import backprop
+    from vitx_fast.models import ViTAdapter
+
+    model = make_vit("registers", act_layer=nn.SiLU)
+    assert backprop.unsupported_reasons(ViTAdapter(model))
+    x = make_images(model, 2)
+    t = torch.tensor([[1, 2], [3, 4]])
+    fast = vx.explain(model, x, method=method, target=t)
+    ref = vx.explain(model, x, method=method, target=t, backend="reference")
+    assert fast.backend == "fused"
+    assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])

@@ -1,5 +1,5 @@
-"""The gradient-free fused paths are single tensor programs: torch.export traces them with a dynamic batch and the
-exported program reproduces `vx.explain`."""
+"""The fused paths are single tensor programs (gradients as explicit VJPs, no autograd at run time): torch.export
+traces them with a dynamic batch and the exported program reproduces `vx.explain`."""
 import pytest
 import torch
 from utils import make_images, make_vit
@@ -12,6 +12,10 @@ from vitx_fast.export import ExplainerModule
     ("reciprocam", "all", {}),
     ("reciprocam", None, dict(mask="onehot", cls_token=False, residual="masked")),
     ("rollout", None, dict(head_fusion="max")),
+    ("agcam", None, {}),
+    ("gae", None, {}),
+    ("lrp", None, dict(start_layer=1)),
+    ("daam", None, {}),
 ])
 @pytest.mark.parametrize("layout", ["registers", "distilled"])
 def test_torch_export_dynamic_batch(layout, method, target, kw):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from vitx_fast.fused import backprop
 from vitx_fast.fused.common import stack_columns, target_columns
 from vitx_fast.methods.agcam import AGCAM
 from vitx_fast.methods.base import MethodResult
@@ -21,7 +22,7 @@ def agcam_forward(adapter, images: torch.Tensor):
         for i in range(adapter.depth):
             rec = adapter.block(i, x, capture="cls")
             a = rec.attn
-            keep.append((a.logits[:, :, 0, :], a.v, rec.x[:, 0], a.context[:, 0], rec.u[:, 0]))
+            keep.append((a.logits[:, :, 0, :], a.v, rec.x[:, 0], a.context[:, 0], rec.u[:, 0], rec.y[:, 0]))
             x = rec.z
         return x, keep
 
@@ -37,7 +38,7 @@ def cls_chain(adapter, z: torch.Tensor, keep, target: torch.Tensor) -> torch.Ten
         deltas = [None] * adapter.depth
         for i in range(adapter.depth - 1, -1, -1):
             blk, attn = model.blocks[i], model.blocks[i].attn
-            _, _, x0, ctx0, u0 = keep[i]
+            _, _, x0, ctx0, u0, _ = keep[i]
             x0 = x0.detach().requires_grad_(True)
             ctx0 = ctx0.detach().requires_grad_(True)
             o = attn.norm(ctx0)
@@ -64,8 +65,14 @@ def agcam_fused(adapter, images, resolve, opts) -> MethodResult:
     B, L, H, T, d = v.shape
     P, (gh, gw) = adapter.num_prefix_tokens, adapter.grid_for(*images.shape[-2:])
     maps = []
+    manual = not backprop.unsupported_reasons(adapter)
     for t in target_columns(targets):
-        delta = cls_chain(adapter, z, keep, t).view(B, L, H, d)
+        if manual:  # explicit VJPs on the CLS rows: one traceable tensor program
+            with torch.no_grad():
+                seed = backprop.onehot(t, logits.shape[-1], logits.dtype)
+                delta = backprop.cls_path_backward(adapter, [(k[2], k[5]) for k in keep], z, seed).view(B, L, H, d)
+        else:
+            delta = cls_chain(adapter, z, keep, t).view(B, L, H, d)
         cam = agcam_epilogue(delta, v, s)[..., P:]
         cam = cam.sum(2) if opts["head_fusion"] == "sum" else cam.mean(2)
         cam = cam.sum(1) if opts["layer_fusion"] == "sum" else cam.mean(1)

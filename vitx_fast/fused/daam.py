@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vitx_fast.fused import backprop
 from vitx_fast.fused.common import graph_forward, stack_columns, target_columns
 from vitx_fast.methods.base import MethodResult
 from vitx_fast.methods.daam import DAAM, _bank, display_maps, self_neighbour_weights
@@ -17,7 +18,12 @@ def daam_block_maps(a: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.
 @DAAM.instance.register("fused", resolves_targets=True)
 def daam_fused(adapter, images, resolve, opts) -> MethodResult:
     mode = opts["mode"]
-    rec = graph_forward(adapter, images, capture="cls")  # SDPA both ways: no B x H x T x T probabilities
+    manual = not backprop.unsupported_reasons(adapter)
+    if manual:  # explicit VJPs: one traceable tensor program
+        with torch.no_grad():
+            rec = adapter.forward(images)
+    else:
+        rec = graph_forward(adapter, images, capture="cls")  # SDPA both ways: no B x H x T x T probabilities
     out = rec.output
     ctx = [b.attn.context for b in rec.blocks]
     with torch.no_grad():
@@ -39,8 +45,12 @@ def daam_fused(adapter, images, resolve, opts) -> MethodResult:
     P, (gh, gw) = adapter.num_prefix_tokens, adapter.grid_for(*images.shape[-2:])
     flows, extras = [], []
     for j, seed in enumerate(seeds):
-        with torch.enable_grad():
-            grads = torch.autograd.grad(out, ctx, grad_outputs=seed, retain_graph=j < len(seeds) - 1)
+        if manual:
+            with torch.no_grad():
+                _, grads = backprop.backward_through_blocks(adapter, rec, seed, keep_rows=slice(0, 1))
+        else:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(out, ctx, grad_outputs=seed, retain_graph=j < len(seeds) - 1)
         C = torch.stack([gr[:, 0] for gr in grads], dim=1).view(B, L, H, d)
         g = torch.relu(C) if mode == "supervised" else C
         M = daam_block_maps(a, v, g)[..., P:]
