@@ -8,16 +8,15 @@ import vitx_fast as vx
 from vitx_fast.export import ExplainerModule
 
 
-@pytest.mark.parametrize("method,target,kw", [
-    ("reciprocam", "all", {}),
-    ("reciprocam", None, dict(mask="onehot", cls_token=False, residual="masked")),
-    ("rollout", None, dict(head_fusion="max")),
-    ("agcam", None, {}),
-    ("gae", None, {}),
-    ("lrp", None, dict(start_layer=1)),
-    ("daam", None, {}),
+@pytest.mark.parametrize("layout,method,target,kw", [
+    ("registers", "reciprocam", "all", {}),
+    ("distilled", "reciprocam", None, dict(mask="onehot", cls_token=False, residual="masked")),
+    ("nonsquare", "rollout", None, dict(head_fusion="max")),
+    ("distilled", "agcam", None, {}),
+    ("registers", "gae", None, {}),
+    ("layerscale", "lrp", None, dict(start_layer=1)),
+    ("qknorm", "daam", None, {}),
 ])
-@pytest.mark.parametrize("layout", ["registers", "distilled"])
 def test_torch_export_dynamic_batch(layout, method, target, kw):
     model = make_vit(layout, dtype=torch.float32)
     x = make_images(model, 2).float()
