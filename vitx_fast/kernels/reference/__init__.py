@@ -1,0 +1,1 @@
+"""Plain PyTorch kernels: readable maths, any device and dtype, the ground truth of every other backend."""
