@@ -18,15 +18,15 @@ from vitx_fast.export import ExplainerModule
     ("qknorm", "daam", None, {}),
 ])
 def test_torch_export_dynamic_batch(layout, method, target, kw):
-    model = make_vit(layout, dtype=torch.float32)
-    x = make_images(model, 2).float()
+    model = make_vit(layout)  # float64: the traced program (torch reference ops) vs eager (C++ ops) to rounding
+    x = make_images(model, 2)
     mod = ExplainerModule(model, method, target=target, **kw)
     ep = torch.export.export(mod, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
-    x3 = make_images(model, 3, seed=5).float()
+    x3 = make_images(model, 3, seed=5)
     logits, maps = ep.module()(x3)
     ref = vx.explain(model, x3, method=method, target=target, **kw)
-    torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(maps, ref.maps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ref.logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(maps, ref.maps, rtol=1e-8, atol=1e-9)
 
 
 def test_explainer_module_rejects_bad_target():

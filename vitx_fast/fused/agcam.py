@@ -12,6 +12,7 @@ from vitx_fast.fused import backprop
 from vitx_fast.fused.common import stack_columns, target_columns
 from vitx_fast.methods.agcam import AGCAM
 from vitx_fast.methods.base import MethodResult
+from vitx_fast.ops import agcam_epilogue
 
 
 def agcam_forward(adapter, images: torch.Tensor):
@@ -50,15 +51,11 @@ def cls_chain(adapter, z: torch.Tensor, keep, target: torch.Tensor) -> torch.Ten
     return torch.stack(deltas, dim=1)
 
 
-def agcam_epilogue(delta: torch.Tensor, v: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """delta (B, L, H, d), v (B, L, H, T, d), s (B, L, H, T) -> (B, L, H, T) ReLU(<delta, v>) * sigmoid(s)."""
-    return torch.relu(torch.einsum("blhd,blhtd->blht", delta, v)) * torch.sigmoid(s)
-
-
 @AGCAM.instance.register("fused", resolves_targets=True)
 def agcam_fused(adapter, images, resolve, opts) -> MethodResult:
     z, keep = agcam_forward(adapter, images)
-    logits = adapter.head(z)
+    with torch.no_grad():
+        logits = adapter.head(z)
     targets = resolve(logits)
     s = torch.stack([k[0] for k in keep], dim=1)  # (B, L, H, T)
     v = torch.stack([k[1] for k in keep], dim=1)  # (B, L, H, T, d)
@@ -73,8 +70,8 @@ def agcam_fused(adapter, images, resolve, opts) -> MethodResult:
                 delta = backprop.cls_path_backward(adapter, [(k[2], k[5]) for k in keep], z, seed).view(B, L, H, d)
         else:
             delta = cls_chain(adapter, z, keep, t).view(B, L, H, d)
-        cam = agcam_epilogue(delta, v, s)[..., P:]
-        cam = cam.sum(2) if opts["head_fusion"] == "sum" else cam.mean(2)
-        cam = cam.sum(1) if opts["layer_fusion"] == "sum" else cam.mean(1)
+        cam = agcam_epilogue(delta, v, s)[:, P:]  # sum over layers and heads of ReLU(<delta, V>) * sigmoid(s)
+        # a mean is the sum over the count: exact
+        cam = cam / ((H if opts["head_fusion"] == "mean" else 1) * (L if opts["layer_fusion"] == "mean" else 1))
         maps.append(cam.reshape(B, gh, gw).detach())
     return MethodResult(maps=stack_columns(maps, targets), targets=targets, logits=logits)

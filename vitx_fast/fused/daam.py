@@ -7,12 +7,8 @@ import torch
 from vitx_fast.fused import backprop
 from vitx_fast.fused.common import graph_forward, stack_columns, target_columns
 from vitx_fast.methods.base import MethodResult
+from vitx_fast.ops import daam_block_maps
 from vitx_fast.methods.daam import DAAM, _bank, display_maps, self_neighbour_weights
-
-
-def daam_block_maps(a: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """a (B, L, H, T), v (B, L, H, T, d), g (B, L, H, d) -> (B, L, T) = ReLU(sum_h a * <v, g>)."""
-    return torch.relu(torch.einsum("blht,blhtd,blhd->blt", a, v, g))
 
 
 @DAAM.instance.register("fused", resolves_targets=True)
@@ -53,7 +49,8 @@ def daam_fused(adapter, images, resolve, opts) -> MethodResult:
                 grads = torch.autograd.grad(out, ctx, grad_outputs=seed, retain_graph=j < len(seeds) - 1)
         C = torch.stack([gr[:, 0] for gr in grads], dim=1).view(B, L, H, d)
         g = torch.relu(C) if mode == "supervised" else C
-        M = daam_block_maps(a, v, g)[..., P:]
+        with torch.no_grad():
+            M = daam_block_maps(a, v.contiguous(), g)[..., P:]
         if opts["norm"]:
             M = M - M.amin(-1, keepdim=True)
             M = M / (M.amax(-1, keepdim=True) + 1e-10)

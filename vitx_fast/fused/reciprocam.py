@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from vitx_fast.methods.base import MethodResult
+from vitx_fast.ops import masked_variant_attention
 from vitx_fast.methods.reciprocam import GAUSSIAN, ReciproCAM, scores_to_maps
 
 
@@ -110,6 +111,7 @@ def last_block_scores(adapter, images: torch.Tensor, opts):
 
     hidden = getattr(getattr(blk.mlp, "fc1", None), "out_features", 4 * D)
     step = variant_chunk(A, D, hidden, x.element_size(), opts.get("chunk"))
+    plain_qk = isinstance(attn.q_norm, torch.nn.Identity) and isinstance(attn.k_norm, torch.nn.Identity)
 
     scores = []
     for c0 in range(0, N, step):
@@ -120,13 +122,16 @@ def last_block_scores(adapter, images: torch.Tensor, opts):
         for p in rows:
             mp = 1.0 if opts["cls_token"] else 0.0  # weight of the pooled (prefix) row, the same in every variant
             q = attn.q_norm(mp * pq[:, p, None] + bq).expand(B, n, H, d) * attn.scale  # (B, n, H, d)
-            k_act = attn.k_norm(m[None, :, :, None, None] * pk[:, idx] + bk)  # (B, n, A, H, d)
-            s_act = torch.einsum("bnhd,bnahd->bnha", q, k_act).masked_fill(~valid[None, :, None, :], -math.inf)
-            s_zero = torch.einsum("bnhd,hd->bnh", q, k_zero) + log_nz[None, sl, None]
-            probs = torch.cat([s_act, s_zero.unsqueeze(-1)], -1).softmax(-1)
-            # sum_a alpha_a (m_a P_v + b_v) + alpha_z b_v = b_v + sum_a (alpha_a m_a) P_v[idx_a]: the weights sum to 1
-            wv = probs[..., :A] * m[None, :, None, :]
-            ctx = (torch.einsum("bnha,bnahd->bnhd", wv, pv[:, idx]) + bv).reshape(B, n, H * d)
+            if plain_qk:  # keys affine in m: the fused op (C++ on CPU, Triton on CUDA)
+                ctx = masked_variant_attention(q, pk, pv, idx, m, valid, log_nz[sl], bk, bv).reshape(B, n, H * d)
+            else:
+                k_act = attn.k_norm(m[None, :, :, None, None] * pk[:, idx] + bk)  # (B, n, A, H, d)
+                s_act = torch.einsum("bnhd,bnahd->bnha", q, k_act).masked_fill(~valid[None, :, None, :], -math.inf)
+                s_zero = torch.einsum("bnhd,hd->bnh", q, k_zero) + log_nz[None, sl, None]
+                probs = torch.cat([s_act, s_zero.unsqueeze(-1)], -1).softmax(-1)
+                # sum_a alpha_a (m_a P_v + b_v) + alpha_z b_v = b_v + sum_a (alpha_a m_a) P_v[idx_a]: weights sum to 1
+                wv = probs[..., :A] * m[None, :, None, :]
+                ctx = (torch.einsum("bnha,bnahd->bnhd", wv, pv[:, idx]) + bv).reshape(B, n, H * d)
             if opts["residual"] == "unmasked":
                 r = x[:, p, None].expand(B, n, D)
             elif opts["residual"] == "masked":

@@ -77,8 +77,20 @@ def not_supported_reasons(impl: str, tensors: list[torch.Tensor]) -> list[str]:
     return reasons
 
 
+def tracing(tensors: list[torch.Tensor]) -> bool:
+    """True under torch.export / torch.compile tracing, where only the torch reference is a traceable program."""
+    if torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+
+
 def select(op: str, tensors: list[torch.Tensor], impl: str | None, cpp_default: bool) -> str:
     """The implementation to run, per the rules above; raises ValueError when an explicit `impl` cannot serve."""
+    if impl is None and tracing(tensors):
+        return "reference"
     if impl is not None:
         reasons = not_supported_reasons(impl, tensors)
         if reasons:
