@@ -33,16 +33,20 @@ def _id(case):
     return method + ("-" + "-".join(f"{k}={v}" for k, v in kw.items()) if kw else "")
 
 
-def _fused_serves(method):
-    return "fused" in vx.get_method(method).impls
+def fast_backends(method):
+    """Every non-reference backend with an implementation of `method` that is available on this machine."""
+    out = []
+    for name in vx.list_backends():
+        be = vx.get_backend(name)
+        if name != "reference" and name in vx.get_method(method).impls and be.is_available()[0]:
+            out.append(name)
+    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_fused_equals_reference_float64(layout, case):
+def test_fast_backends_equal_reference_float64(layout, case):
     method, kw = case
-    if not _fused_serves(method):
-        pytest.skip(f"no fused {method}")
     model = make_vit(layout)
     batch = 3 if layout in ("plain", "registers", "distilled") else 1
     x = make_images(model, batch)
@@ -53,13 +57,23 @@ def test_fused_equals_reference_float64(layout, case):
         with pytest.raises(vx.UnsupportedModelError):
             vx.explain(model, x, method=method, target=target, **kw)
         return
-    fast = vx.explain(model, x, method=method, target=target, **kw)
-    assert fast.backend == "fused" and ref.backend == "reference"
-    assert torch.equal(fast.targets, ref.targets)
-    assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
     assert_structured(ref.maps.reshape(-1, *ref.maps.shape[-2:]))
-    if ref.flow is not None:
-        assert_maps_close(fast.flow, ref.flow, TOL[torch.float64])
+    default = vx.explain(model, x, method=method, target=target, **kw)
+    assert default.backend != "reference"
+    ran = 0
+    for backend in fast_backends(method):
+        try:
+            fast = vx.explain(model, x, method=method, target=target, backend=backend, **kw)
+        except ValueError as exc:  # the backend declared it cannot serve this layout/option
+            assert "cannot run" in str(exc)
+            continue
+        ran += 1
+        assert fast.backend == backend
+        assert torch.equal(fast.targets, ref.targets)
+        assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
+        if ref.flow is not None:
+            assert_maps_close(fast.flow, ref.flow, TOL[torch.float64])
+    assert ran >= 1
 
 
 @pytest.mark.parametrize("method", ["rollout", "gae", "lrp", "reciprocam", "agcam", "daam"])
@@ -73,7 +87,7 @@ def test_fused_equals_reference_float32(layout, method):
     fast = vx.explain(model, x.float(), method=method)
     ref32 = vx.explain(model, x.float(), method=method, backend="reference")
     ref64 = vx.explain(model64, x, method=method, backend="reference")
-    assert fast.backend == "fused"
+    assert fast.backend != "reference"
     n = vx.normalize
     err_fast = (n(fast.maps.double()) - n(ref64.maps)).abs().max().item()
     err_ref = (n(ref32.maps.double()) - n(ref64.maps)).abs().max().item()
@@ -96,7 +110,7 @@ def test_reciprocam_all_classes_one_pass():
     model = make_vit("nonsquare")
     x = make_images(model, 2)
     allc = vx.explain(model, x, method="reciprocam", target="all")
-    assert allc.backend == "fused" and allc.maps.shape == (2, model.num_classes, 3, 5)
+    assert allc.backend == "cpp" and allc.maps.shape == (2, model.num_classes, 3, 5)
     ref = vx.explain(model, x, method="reciprocam", target="all", backend="reference")
     assert_maps_close(allc.maps, ref.maps, 1e-9)
 
@@ -124,5 +138,20 @@ def test_autograd_fallback_for_modules_without_explicit_vjp(method):
     t = torch.tensor([[1, 2], [3, 4]])
     fast = vx.explain(model, x, method=method, target=t)
     ref = vx.explain(model, x, method=method, target=t, backend="reference")
-    assert fast.backend == "fused"
+    assert fast.backend != "reference"
     assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
+
+
+def test_default_dispatch_order():
+    """backend=None picks the fastest that can serve: cpp where its kernels beat torch, else fused."""
+    model = make_vit("plain", dtype=torch.float32)
+    x = make_images(model, 1).float()
+    expect = {"reciprocam": "cpp", "daam": "cpp", "agcam": "fused", "gae": "fused", "lrp": "fused", "rollout": "fused",
+              "grad_rollout": "reference"}
+    for method, backend in expect.items():
+        assert vx.explain(model, x, method=method).backend == backend, method
+    assert vx.explain(model, x, method="agcam", backend="cpp").backend == "cpp"  # runs when asked for
+    qk = make_vit("qknorm", dtype=torch.float32)
+    assert vx.explain(qk, x, method="reciprocam").backend == "fused"
+    with pytest.raises(ValueError, match="qk_norm"):
+        vx.explain(qk, x, method="reciprocam", backend="cpp")

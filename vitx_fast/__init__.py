@@ -1,6 +1,6 @@
 """vitx-fast: exact, fast explanations for timm Vision Transformers."""
 from vitx_fast.api import explain
-from vitx_fast.backends import list_backends, set_backend
+from vitx_fast.backends import get_backend, list_backends, set_backend
 from vitx_fast.explanation import Explanation
 from vitx_fast.methods.daam_memory import MemoryBank
 from vitx_fast.methods.registry import get_method, list_methods
@@ -10,6 +10,6 @@ from vitx_fast.postprocess import normalize, upsample
 __version__ = "0.1.0"
 
 __all__ = [
-    "Explanation", "MemoryBank", "UnsupportedModelError", "ViTAdapter", "explain", "get_method", "list_backends",
+    "Explanation", "MemoryBank", "get_backend", "UnsupportedModelError", "ViTAdapter", "explain", "get_method", "list_backends",
     "list_methods", "normalize", "set_backend", "upsample", "__version__",
 ]

@@ -27,7 +27,14 @@ def collect() -> dict:
         "backends": list_backends(),
         "methods": {m: get_method(m).summary for m in list_methods()},
         "matrix": support_matrix(),
+        "ops": _ops_info(),
     }
+
+
+def _ops_info() -> dict:
+    from vitx_fast import ops
+
+    return {"availability": ops.availability(), "cpp_default": ops.cpp_defaults()}
 
 
 def render(info: dict) -> str:
@@ -60,6 +67,13 @@ def render(info: dict) -> str:
         lines.append("")
         lines.append("not available:")
         lines.extend(notes)
+    ops = info["ops"]
+    lines.append("")
+    lines.append("fused ops (used by the fused backend; auto dispatch: triton on CUDA, cpp on CPU where it beats torch):")
+    for impl, why in ops["availability"].items():
+        lines.append(f"  {impl:<10} {'available' if why is None else 'not available: ' + why}")
+    for op, cpp in ops["cpp_default"].items():
+        lines.append(f"  {op:<26} CPU default: {'cpp' if cpp else 'reference (the C++ kernel does not beat torch)'}")
     return "\n".join(lines)
 
 

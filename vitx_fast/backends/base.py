@@ -17,6 +17,10 @@ class Backend:
     def is_available(self) -> tuple[bool, str | None]:
         return True, None
 
+    def auto_reasons(self, method, adapter, opts: dict[str, Any]) -> list[str]:
+        """Reasons to pass this backend over when the user did not name it (it still runs when asked for)."""
+        return []
+
     def not_supported_reasons(self, method, adapter, images: torch.Tensor | None, opts: dict[str, Any]) -> list[str]:
         reasons = []
         ok, why = self.is_available()
@@ -41,6 +45,43 @@ class FusedBackend(Backend):
 
     NAME = "fused"
     PRIORITY = 50
+
+
+class KernelBackend(Backend):
+    """The fused implementations with every fused op forced to one kernel family (C++ or Triton)."""
+
+    IMPL: ClassVar[str]
+
+    def is_available(self) -> tuple[bool, str | None]:
+        from vitx_fast.ops import availability
+
+        why = availability()[self.IMPL]
+        return why is None, why
+
+
+class CppBackend(KernelBackend):
+    """C++ CPU kernels (pybind11, OpenMP) for the fused ops; chosen by default only where every kernel it uses beats
+    the torch composition (benchmarks/results/ops.md)."""
+
+    NAME = IMPL = "cpp"
+    PRIORITY = 20
+    SUPPORTED_DEVICES = ("cpu",)
+    SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+    def auto_reasons(self, method, adapter, opts):
+        from vitx_fast.ops import cpp_defaults
+
+        impl = method.impls.get(self.NAME)
+        slow = [op for op in getattr(impl, "ops", ()) if not cpp_defaults()[op]]
+        return [f"the C++ kernel of {op} does not beat torch (benchmarks/results/ops.md)" for op in slow]
+
+
+class TritonBackend(KernelBackend):
+    """Triton kernels for the fused ops, on CUDA devices."""
+
+    NAME = IMPL = "triton"
+    PRIORITY = 10
+    SUPPORTED_DEVICES = ("cuda",)
 
 
 class ReferenceBackend(Backend):

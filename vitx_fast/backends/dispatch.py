@@ -17,7 +17,7 @@ def select_backend(method, adapter, images, opts: dict[str, Any], backend: str |
         return be
     all_reasons = {}
     for be in sorted(_BACKENDS.values(), key=lambda b: b.PRIORITY):
-        reasons = be.not_supported_reasons(method, adapter, images, opts)
+        reasons = be.not_supported_reasons(method, adapter, images, opts) or be.auto_reasons(method, adapter, opts)
         if not reasons:
             return be
         all_reasons[be.NAME] = reasons

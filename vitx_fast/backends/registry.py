@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import Iterator
 
-from vitx_fast.backends.base import Backend, FusedBackend, ReferenceBackend
+from vitx_fast.backends.base import Backend, CppBackend, FusedBackend, ReferenceBackend, TritonBackend
 
 _BACKENDS: dict[str, Backend] = {}
 _override: list[str] = []
@@ -16,6 +16,8 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
     return cls
 
 
+register_backend(TritonBackend)
+register_backend(CppBackend)
 register_backend(FusedBackend)
 register_backend(ReferenceBackend)
 

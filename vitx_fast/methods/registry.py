@@ -25,9 +25,19 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+_LOADED: list[bool] = []
+
+
 def _load_builtin() -> None:
+    if _LOADED:
+        return
+    _LOADED.append(True)
     # importing the method modules registers them
     from vitx_fast.methods import agcam, chefer_lrp, daam, gae, grad_rollout, reciprocam, rollout  # noqa: F401
+
     # fast implementations register themselves beside the reference ones
-    from vitx_fast.fused import reciprocam as _fused_reciprocam  # noqa: F401
-    from vitx_fast.fused import agcam as _fa, daam as _fd, gae as _fg, lrp as _fl, rollout as _fro  # noqa: F401
+    from vitx_fast.fused import agcam as _fa, daam as _fd, gae as _fg, lrp as _fl  # noqa: F401
+    from vitx_fast.fused import reciprocam as _fr, rollout as _fro  # noqa: F401
+    from vitx_fast.fused import kernel_backends
+
+    kernel_backends.register_all(_METHODS)

@@ -10,6 +10,7 @@ The implementation that ran last is recorded per op (`last_impl`), so tests can 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -24,6 +25,7 @@ CPP_DTYPES = (torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _LAST: dict[str, str] = {}
+_FORCED: list[str] = []  # set by the cpp / triton backends for the duration of one explain call
 _TRITON_ERROR: list[str | None] = []  # memo of the triton import check: [] = not checked yet
 
 
@@ -91,6 +93,8 @@ def select(op: str, tensors: list[torch.Tensor], impl: str | None, cpp_default: 
     """The implementation to run, per the rules above; raises ValueError when an explicit `impl` cannot serve."""
     if impl is None and tracing(tensors):
         return "reference"
+    if impl is None and _FORCED:
+        impl = _FORCED[-1]
     if impl is not None:
         reasons = not_supported_reasons(impl, tensors)
         if reasons:
@@ -115,6 +119,16 @@ def run(op: str, tensors: list[torch.Tensor], impl: str | None, cpp_default: boo
     fn = kernel(op, name)
     _LAST[op] = name
     return fn
+
+
+@contextlib.contextmanager
+def forced(impl: str):
+    """Every op called inside the block runs `impl` (ValueError where it cannot)."""
+    _FORCED.append(impl)
+    try:
+        yield
+    finally:
+        _FORCED.pop()
 
 
 def last_impl(op: str) -> str | None:
