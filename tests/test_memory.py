@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
         model(x)  # warm-up: one plain forward sets the baseline
     base = rss_mb()
     exp = vx.explain(model, x, method="reciprocam", target="all")
-    assert exp.backend == "fused" and exp.maps.shape == (1, 5, 32, 32)
+    assert exp.backend in ("cpp", "fused") and exp.maps.shape == (1, 5, 32, 32)
     fast = rss_mb() - base
     # a context-release check: many calls, no growth
     small = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3).eval()
