@@ -163,7 +163,7 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     _ensure_writable(out)
     files = find_images(args.paths)
-    model, cfg = load_model(args.model, args.checkpoint)
+    model, cfg = load_model(args.model, args.checkpoint, pretrained=False if args.random_weights else None)
     transform = make_transform(cfg)
     target = _parse_target(args.target)
     failed = 0
@@ -226,8 +226,13 @@ def _parse_target(t: str | None):
 
 def cmd_info(args) -> int:
     from vitx_fast.info import collect, render
+    from vitx_fast.models.timm_adapter import UnsupportedModelError
 
-    print(render(collect()))
+    model = load_model(args.model, args.checkpoint, pretrained=False)[0] if args.model else None
+    try:
+        print(render(collect(model)))
+    except UnsupportedModelError as exc:
+        raise CLIError(str(exc)) from None
     return 0
 
 
@@ -277,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("paths", nargs="+", help="image files or folders")
     e.add_argument("--model", default="demo", help="'demo' (bundled) or a timm model name")
     e.add_argument("--checkpoint", help="local weights (.safetensors / .pth) for --model")
+    e.add_argument("--random-weights", action="store_true", help="a timm model without pretrained weights")
     e.add_argument("--method", nargs="+", help="method names, or 'all' (default: reciprocam)")
     e.add_argument("--target", help="top1 (default), all, or class index(es) like 3 or 3,5")
     e.add_argument("--out", default="vitx-out", help="output folder")
@@ -306,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="versions, devices, methods and backends")
+    i.add_argument("--model", help="also check every method x backend against this model ('demo' or a timm name)")
+    i.add_argument("--checkpoint", help="local weights for --model")
     i.set_defaults(func=cmd_info)
 
     data = sub.add_parser("data", help="bundled benchmark data")

@@ -6,13 +6,14 @@ import platform
 import torch
 
 
-def collect() -> dict:
+def collect(model=None) -> dict:
     import timm
 
     from vitx_fast import __version__, _ext
     from vitx_fast.backends.dispatch import support_matrix
     from vitx_fast.backends.registry import list_backends
     from vitx_fast.methods.registry import get_method, list_methods
+    from vitx_fast.models.timm_adapter import ViTAdapter
 
     return {
         "vitx_fast": __version__,
@@ -26,7 +27,7 @@ def collect() -> dict:
                    "build": dict(_ext._C.build_info()) if _ext.is_available() else None},
         "backends": list_backends(),
         "methods": {m: get_method(m).summary for m in list_methods()},
-        "matrix": support_matrix(),
+        "matrix": support_matrix(None if model is None else ViTAdapter(model)),
         "ops": _ops_info(),
     }
 

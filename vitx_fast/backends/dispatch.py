@@ -41,6 +41,7 @@ def support_matrix(adapter=None) -> dict[str, dict[str, list[str]]]:
             if be.NAME not in m.impls:
                 reasons.append(f"no {be.NAME} implementation")
             if adapter is not None and not reasons:
-                reasons = be.not_supported_reasons(m, adapter, None, dict(m.options))
+                opts = dict(m.options)
+                reasons = m.refusals(adapter, opts) + be.not_supported_reasons(m, adapter, None, opts)
             out[mname][be.NAME] = reasons
     return out
