@@ -40,7 +40,8 @@ def build_gallery(out: Path, n_single: int = 4, n_double: int = 2, quiet: bool =
     rows, timings = [], {m: [] for m in methods}
     bar = tqdm(total=len(methods) * len(sets), desc="demo", unit="run", disable=quiet)
     for set_name, bench in sets:
-        images, raw, labels, boxes = bench.images, bench.raw, bench.labels, bench.boxes
+        images, raw, boxes = bench.images, np.asarray(bench.raw), np.asarray(bench.boxes)
+        labels = torch.as_tensor(np.asarray(bench.labels)).long()
         n = images.shape[0]
         targets = labels if labels.dim() == 2 else labels.view(-1, 1)
         with torch.no_grad():
