@@ -127,7 +127,7 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
     from vitx_fast.methods.registry import get_method
     from vitx_fast.models.timm_adapter import ViTAdapter
 
-    methods = list(methods or [m for m in vx.list_methods() if m != "grad_rollout"])
+    methods = list(methods or [m for m in vx.list_methods() if m not in ("grad_rollout", "tame")])
     backends = list(backends or vx.list_backends())
     rows: list[Row] = []
     plan = [(m, b) for m in models for b in batches]
@@ -152,7 +152,7 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
             for backend in backends:
                 bar.set_postfix_str(f"{name} B{batch} {method}/{backend}")
                 opts = m.resolve_options({})
-                reasons = []
+                reasons = list(m.refusals(adapter, opts))
                 try:
                     select_backend(m, adapter, x, opts, backend)
                 except (ValueError, NotImplementedError) as exc:
