@@ -371,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(func=cmd_evaluate)
 
+    from vitx_fast.tame.cli import add_parser as add_train_tame
+
+    add_train_tame(sub)
+
     i = sub.add_parser("info", help="versions, devices, methods and backends")
     i.add_argument("--model", help="also check every method x backend against this model ('demo' or a timm name)")
     i.add_argument("--checkpoint", help="local weights for --model")

@@ -29,6 +29,8 @@ def build_gallery(out: Path, n_single: int = 4, n_double: int = 2, quiet: bool =
     from vitx_fast.data import make_benchmark
     from vitx_fast.models.demo import load_demo_model
 
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     model = load_demo_model()
     methods = _gallery_methods()
     sets = []

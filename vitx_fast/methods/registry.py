@@ -34,6 +34,7 @@ def _load_builtin() -> None:
     _LOADED.append(True)
     # importing the method modules registers them
     from vitx_fast.methods import agcam, chefer_lrp, daam, gae, grad_rollout, reciprocam, rollout  # noqa: F401
+    from vitx_fast.methods import ttame  # noqa: F401
 
     # fast implementations register themselves beside the reference ones
     from vitx_fast.fused import agcam as _fa, daam as _fd, gae as _fg, lrp as _fl  # noqa: F401
