@@ -4,6 +4,12 @@ import sys
 import pytest
 import torch
 
+# Without CUDA the Triton kernels are tested through Triton's CPU interpreter. The flag is read when a kernel is
+# decorated, so it must be set before any test (of any directory) imports triton or the kernels; auto dispatch never
+# picks Triton for CPU tensors, so it changes nothing else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 
