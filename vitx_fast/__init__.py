@@ -5,6 +5,7 @@ from vitx_fast.explanation import Explanation
 from vitx_fast.methods.daam_memory import MemoryBank
 from vitx_fast.methods.registry import get_method, list_methods
 from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
+from vitx_fast.onnx_export import export_onnx
 from vitx_fast.postprocess import normalize, upsample
 from vitx_fast.tame import load_tame, train_tame
 

@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_tame(sub)
 
+    from vitx_fast.onnx_cli import add_parser as add_export
+
+    add_export(sub)
+
     i = sub.add_parser("info", help="versions, devices, methods and backends")
     i.add_argument("--model", help="also check every method x backend against this model ('demo' or a timm name)")
     i.add_argument("--checkpoint", help="local weights for --model")

@@ -1,4 +1,5 @@
-"""An explainer as a module: `forward(images) -> (logits, maps)`, traceable by torch.export (and later ONNX).
+"""An explainer as a module: `forward(images) -> (logits, maps)`, traceable by torch.export and ONNX
+(`vitx_fast.onnx_export`).
 
 It calls a method's fast implementation directly, with the input checks done once at construction on an example
 shape, so that the traced program holds no data-dependent Python control flow.
@@ -12,15 +13,22 @@ from vitx_fast.backends.dispatch import select_backend
 from vitx_fast.methods.registry import get_method
 from vitx_fast.methods.targets import resolve_targets
 from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
+from vitx_fast.postprocess import UPSAMPLE_MODES, _pil_bicubic_weights, normalize, upsample
 
 
 class ExplainerModule(nn.Module):
-    """model + method in one module. forward(images (B, 3, H, W)) -> (logits (B, C), maps (B, h, w) or (B, K, h, w)).
+    """model + method in one module. forward(images (B, 3, H, W)[, classes (B,) long]) -> (logits (B, C), maps
+    (B, h, w) or (B, K, h, w)[, flow (B, L, h, w) or (B, K, L, h, w)]).
 
-    target: None (top-1 inside the program) or "all" (every class, methods that yield them in one pass).
+    target: None (top-1 inside the program), "all" (every class, methods that yield them in one pass) or "input"
+    (forward takes a second argument `classes` (B,) long, used instead of the top-1).
+    upsample: False, True (bilinear) or a `vx.upsample` mode: maps resized to the input size (H, W) in the program.
+    normalize: per-map min-max as `vx.normalize` (after the upsampling). flow: also return the method's per-block
+    maps (DAAM), with the same epilogue.
     """
 
-    def __init__(self, model: nn.Module, method: str, target=None, backend: str | None = "fused", **options):
+    def __init__(self, model: nn.Module, method: str, target=None, backend: str | None = "fused", *,
+                 upsample: bool | str = False, normalize: bool = False, flow: bool = False, **options):
         super().__init__()
         self.model = model
         self.method = get_method(method)
@@ -29,20 +37,58 @@ class ExplainerModule(nn.Module):
         reasons = self.method.refusals(self.adapter, self.opts)
         if reasons:
             raise UnsupportedModelError(f"{method} cannot explain this model: " + "; ".join(reasons))
-        if target not in (None, "all"):
-            raise ValueError("ExplainerModule: target must be None (top-1) or 'all'")
+        if not (isinstance(target, str) or target is None) or target not in (None, "all", "input"):
+            raise ValueError("ExplainerModule: target must be None (top-1), 'all' or 'input' (a class index input)")
+        if target is not None:
+            self.method.check_target(target, self.opts)
+        if target == "input" and self.method.class_agnostic:
+            raise ValueError(f"{method}: the map depends on no class; a class input would be unused")
         self.target = target
+        mode = "bilinear" if upsample is True else (upsample or None)
+        if mode is not None and mode not in UPSAMPLE_MODES:
+            raise ValueError(f"ExplainerModule: upsample must be False, True or one of {UPSAMPLE_MODES}, "
+                             f"got {upsample!r}")
+        self.upsample_mode, self.normalize, self.flow = mode, bool(normalize), bool(flow)
+        self.pil_size = None
+        if mode == "bicubic_pil" and self.adapter.img_size is not None:
+            # PIL's resampling matrices are built element by element: built once here, they are two constants of
+            # the traced program instead of thousands of traced assignments
+            H, W = self.adapter.img_size
+            h, w = self.adapter.grid_for(H, W)
+            kw = dict(dtype=self.adapter.dtype, device=self.adapter.device)
+            self.register_buffer("pil_wh", _pil_bicubic_weights(h, H, **kw), persistent=False)
+            self.register_buffer("pil_ww", _pil_bicubic_weights(w, W, **kw), persistent=False)
+            self.pil_size = ((h, w), (H, W))
         self.backend = select_backend(self.method, self.adapter, None, self.opts, backend)
         self.impl = self.method.impls[self.backend.NAME]
         if not getattr(self.impl, "resolves_targets", False):
             raise ValueError(f"{method}: the {self.backend.NAME} implementation is not a single traceable program")
 
-    def forward(self, images: torch.Tensor):
+    def epilogue(self, maps: torch.Tensor, size) -> torch.Tensor:
+        """(..., h, w) -> (..., H, W) when upsampling, min-max normalised per map when asked."""
+        if self.pil_size == (tuple(maps.shape[-2:]), tuple(size)):
+            maps = maps if maps.is_floating_point() else maps.float()
+            maps = torch.einsum("oh,...hw,pw->...op", self.pil_wh.to(maps.dtype), maps, self.pil_ww.to(maps.dtype))
+        elif self.upsample_mode is not None:
+            maps = upsample(maps, size, mode=self.upsample_mode)
+        return normalize(maps) if self.normalize else maps
+
+    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None):
         m, target = self.method, self.target
+        if (target == "input") != (classes is not None):
+            raise ValueError("ExplainerModule: pass `classes` (B,) exactly when built with target='input'")
 
         def resolve(logits):
+            if classes is not None:
+                return classes.to(device=logits.device, dtype=torch.long)
             return resolve_targets(target, logits, images.shape[0], method=m.name, multi_ok=m.multi_target,
                                    class_agnostic=m.class_agnostic)
 
         res = self.impl(self.adapter, images, resolve, self.opts)
-        return res.logits, res.maps
+        size = tuple(images.shape[-2:])
+        maps = self.epilogue(res.maps, size)
+        if not self.flow:
+            return res.logits, maps
+        if res.flow is None:
+            raise ValueError(f"{m.name} has no per-block flow")
+        return res.logits, maps, self.epilogue(res.flow, size)
