@@ -36,21 +36,21 @@ def check_inputs(images: torch.Tensor, maps: torch.Tensor, name: str) -> torch.T
 
 
 def prepare_maps(maps: torch.Tensor, size, mode: str = "bilinear", order: str = "upsample_first",
-                 dtype=None) -> torch.Tensor:
+                 dtype=None, eps: float = MINMAX_EPS) -> torch.Tensor:
     """(B, h, w) raw maps -> (B, H, W) in [0, 1].
 
     order="upsample_first" (the spec's default): resize to `size` with `mode` (bilinear: align_corners=False), then
     per-image min-max (m - min) / (max - min + 1e-12). order="minmax_first": min-max at h x w, then resize (T-TAME and
     vitcam, whose resize of a [0, 1] map may then overshoot slightly with bicubic). A map already at `size` is not
-    resized. A constant map becomes 0 everywhere.
+    resized. A constant map becomes 0 everywhere. eps: the min-max denominator's epsilon (T-TAME's maps use 1e-10).
     """
     m = maps.to(dtype) if dtype is not None else (maps if maps.is_floating_point() else maps.float())
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     same = tuple(m.shape[-2:]) == size
     if order == "upsample_first":
-        return normalize(m if same else upsample(m, size, mode), eps=MINMAX_EPS)
+        return normalize(m if same else upsample(m, size, mode), eps=eps)
     if order == "minmax_first":
-        m = normalize(m, eps=MINMAX_EPS)
+        m = normalize(m, eps=eps)
         return m if same else upsample(m, size, mode)
     raise ValueError(f"unknown order {order!r}")
 

@@ -5,9 +5,10 @@ Per image, Y = softmax probability of the target on the clean image, O = the sam
 drop = 100 * max(0, Y - O) / Y (0 where Y = 0, T-TAME's nan_to_num), increase = 100 * 1[O > Y] (strict). The
 table values AD and IC are the means over images.
 
-convention "ttame" (T-TAME's AD/IC at 100 / 50 / 15 % kept): target = the clean top-1; map = min-max at h x w, then
-    bilinear to H x W; M_q zeroes the entries below the per-image torch.quantile(M, q) (linear), q = 1 - keep / 100,
-    the others keep their soft value; E = normalise(M_q * unnormalise(x)), i.e. multiplied in [0, 1] pixel space.
+convention "ttame" (T-TAME's AD/IC at 100 / 50 / 15 % kept): target = the clean top-1; map = min-max at h x w (eps
+    1e-10, T-TAME's normalizeMinMax), then bilinear to H x W; M_q zeroes the entries below the per-image
+    torch.quantile(M, q) (linear), q = 1 - keep / 100, the others keep their soft value;
+    E = normalise(M_q * unnormalise(x)), i.e. multiplied in [0, 1] pixel space.
 convention "vitcam" (ViT-ReciproCAM notebook, also inside ADCC): target = the ground-truth label (None: top-1);
     map = min-max at h x w, then PIL bicubic to H x W; E = x * M in normalised space.
 convention "openvino" (ADCC paper / openvino_xai): target = the requested class, else the prediction; map =
@@ -22,13 +23,14 @@ from vitx_fast.metrics._common import (check_inputs, chunk_size, clean_probs, ev
 
 CONVENTIONS = ("ttame", "vitcam", "openvino")
 TTAME_KEEP = (100, 50, 15)
+TTAME_MINMAX_EPS = 1e-10  # T-TAME's normalizeMinMax; with 1e-12 the quantile ties of the soft masks round differently
 CLEAN_SCORES = ("target", "top1")
 
 
 def explanation_maps(maps: torch.Tensor, size, convention: str) -> torch.Tensor:
     """(B, h, w) raw maps -> the (B, H, W) multiplier M of the convention (before T-TAME's quantile masking)."""
-    if convention == "ttame":
-        return prepare_maps(maps, size, "bilinear", order="minmax_first")
+    if convention == "ttame":  # the inference maps of specs/ttame.md §3: min-max with eps 1e-10 (normalizeMinMax)
+        return prepare_maps(maps, size, "bilinear", order="minmax_first", eps=TTAME_MINMAX_EPS)
     if convention == "vitcam":
         return prepare_maps(maps, size, "bicubic_pil", order="minmax_first")
     if convention == "openvino":

@@ -63,8 +63,8 @@ def _resolve_order(order):
 @torch.no_grad()
 def road(model, images: torch.Tensor, maps: torch.Tensor, targets=None, percentages=TTAME_PERCENTAGES,
          order="both", *, noise: float = 0.01, seed: int = 0, generator: torch.Generator | None = None,
-         tol: float = 1e-5, max_iter: int = 100, preconditioner: str = "multigrid", batch_size: int | None = None,
-         memory_budget: int | None = None) -> dict:
+         tol: float | None = None, max_iter: int = 100, preconditioner: str = "multigrid",
+         batch_size: int | None = None, memory_budget: int | None = None) -> dict:
     """ROAD with noisy linear imputation, batched.
 
     model: classifier, images (B, C, H, W) normalised -> logits. maps: (B, h, w) raw (upsampled bilinearly to H x W,
@@ -73,7 +73,8 @@ def road(model, images: torch.Tensor, maps: torch.Tensor, targets=None, percenta
     order: "morf", "lerf" or "both". noise: std of the Gaussian added to imputed values; drawn as float32 from
     `generator` (default: a CPU generator seeded with `seed`) in the order (order, percentage, image), each system
     channel-major (C, n), as pytorch-grad-cam draws it. tol / max_iter / preconditioner: of the batched CG solver
-    (relative residual per image). batch_size / memory_budget: images per forward (and systems per solve).
+    (relative residual per image; None: 1e-5 for float32, 1e-9 for float64 images). batch_size / memory_budget:
+    images per forward (and systems per solve).
 
     Returns (for each order o in ("morf", "lerf") computed; P = len(percentages)):
       "{o}_correct" (B, P): 1.0 where the argmax after imputation equals the clean top-1 (T-TAME's ROAD accuracy;
