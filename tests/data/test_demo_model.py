@@ -7,9 +7,9 @@ import torch
 from vitx_fast.data import make_benchmark
 from vitx_fast.models.demo import WEIGHTS_FILE, demo_data_config, load_demo_model
 
-# measured on 2,000 one-object test scenes (seed 0): 64.3% for the checkpoint shipped now (2,500 steps); the issue's
-# target is 95% and is not reached yet (see the README). The test guards the shipped figure.
-MIN_ACCURACY = 0.64
+# measured on 2,000 one-object test scenes (seed 0): 97.5% (97.0% on the 300 below) for the shipped checkpoint
+# (6,000 steps of `python -m vitx_fast.models.train_demo`); the target is 95%.
+MIN_ACCURACY = 0.95
 
 
 def test_checkpoint_shipped_inside_package():
@@ -29,6 +29,11 @@ def test_load_demo_model_and_config():
     assert all(p.dtype == torch.float32 for p in m.parameters())
     assert cfg["input_size"] == [3, 64, 64] and len(cfg["mean"]) == 3 and len(cfg["std"]) == 3
     assert load_demo_model(dtype=torch.float64).pos_embed.dtype == torch.float64
+    # timm's own data-config resolution sees the demo normalisation, as for any pretrained timm model
+    import timm.data
+
+    dc = timm.data.resolve_data_config(model=m)
+    assert dc["input_size"] == (3, 64, 64) and dc["mean"] == tuple(cfg["mean"]) and dc["std"] == tuple(cfg["std"])
 
 
 def test_test_accuracy_on_held_out_digits():
@@ -39,6 +44,6 @@ def test_test_accuracy_on_held_out_digits():
     with torch.no_grad():
         pred = m(bm.images).argmax(1).numpy()
     acc = float((pred == bm.labels).mean())
-    assert acc >= MIN_ACCURACY - 0.02, acc
+    assert acc >= MIN_ACCURACY, acc
     # not a constant / degenerate predictor
     assert len(np.unique(pred)) == 10

@@ -68,7 +68,7 @@ class SceneConfig:
 TEST_SCENES = SceneConfig()
 # Training-only augmentation: stronger warps and extra digit styles; the test split keeps held-out digits.
 TRAIN_AUGMENT = replace(SceneConfig(), rotation=18.0, shear=0.25, stroke=(0.25, 0.55), elastic=0.35,
-                        aspect=(0.65, 1.1), font_digits=0.2, mix_digits=0.2)
+                        aspect=(0.65, 1.1), font_digits=0.1, mix_digits=0.1)
 
 
 @dataclass

@@ -37,4 +37,10 @@ def load_demo_model(dtype=torch.float32, device="cpu"):
 
     model = VisionTransformer(**_config()["arch"])
     model.load_state_dict(load_file(WEIGHTS_FILE), strict=True)
+    # timm-style pretrained_cfg, so that timm.data.resolve_data_config and the pixel-space metrics find the
+    # normalisation as they do for any pretrained timm model
+    data = demo_data_config()
+    model.pretrained_cfg = {"input_size": tuple(data["input_size"]), "mean": tuple(data["mean"]),
+                            "std": tuple(data["std"]), "interpolation": "bilinear", "crop_pct": 1.0,
+                            "crop_mode": "center", "num_classes": len(data["classes"]), "label_names": data["classes"]}
     return model.to(device=device, dtype=dtype).eval()

@@ -7,8 +7,10 @@ the pool is the same for any number of worker processes), and torch is seeded; b
 weights additionally needs the same thread count and library build.
 
 Training scenes use the held-in 75% of the handwritten digits with training-only augmentation (stronger
-warps, blended same-class digits, digits rendered from matplotlib's fonts); 13% of the pool are two-digit
-scenes trained with a half/half soft target so that both digits rank high. Test digits are never seen.
+warps, blended same-class digits, digits rendered from matplotlib's fonts; per batch, random translations and RGB
+channel orders); 12% of the pool are two-digit scenes trained with a half/half soft target so that both digits
+rank high. Test digits are never seen. The defaults train the shipped checkpoint (0.45 M parameters, 6,000 steps
+at batch 128, about 45 minutes on one core of a 2-core machine): 97.5% one-object test accuracy.
 Curriculum: the first ``--curriculum`` steps mix in easy scenes (one training digit, white on black first,
 then coloured, smaller and off-centre) whose share falls linearly from 100% to 0; from scratch, a ViT leaves
 chance level far sooner on them than on the cluttered colour scenes.
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ARCH = dict(img_size=64, patch_size=8, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
+ARCH = dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4, mlp_ratio=4.0, num_classes=10,
             class_token=True, global_pool="token")
 
 
@@ -91,6 +93,12 @@ def _shift(x, gen, max_shift):
     return torch.stack([xp[i, :, off[i, 0]:off[i, 0] + H, off[i, 1]:off[i, 1] + W] for i in range(B)])
 
 
+def _permute_channels(x, gen):
+    """Random RGB channel order per sample: objects stay brighter than their surroundings, colours vary."""
+    order = torch.argsort(torch.rand(x.shape[0], 3, generator=gen), dim=1)
+    return torch.gather(x, 1, order[:, :, None, None].expand_as(x))
+
+
 class EasyScenes:
     """Curriculum scenes built on the fly in torch: one training digit (bilinear-upsampled, thresholded) in a
     bright colour on a dark uniform background, no clutter. ``difficulty`` in [0, 1] grows the position,
@@ -134,20 +142,20 @@ class EasyScenes:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--wd", type=float, default=0.05)
-    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--smoothing", type=float, default=0.1)
-    ap.add_argument("--pool1", type=int, default=40000, help="one-digit training scenes")
-    ap.add_argument("--pool2", type=int, default=6000, help="two-digit training scenes")
+    ap.add_argument("--pool1", type=int, default=60000, help="one-digit training scenes")
+    ap.add_argument("--pool2", type=int, default=8000, help="two-digit training scenes")
     ap.add_argument("--shift", type=int, default=4)
-    ap.add_argument("--curriculum", type=int, default=400, help="steps over which easy scenes are phased out")
+    ap.add_argument("--curriculum", type=int, default=800, help="steps over which easy scenes are phased out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--pool-cache", default=None, help="optional .npz to cache the generated pool")
     args = ap.parse_args(argv)
 
@@ -190,6 +198,7 @@ def main(argv=None):
         if n_easy:  # curriculum: replace part of the batch by easy scenes whose difficulty grows
             xe, ye = easy.sample(n_easy, min(1.0, step / args.curriculum))
             x, y = torch.cat([xe, x[n_easy:]]), torch.cat([ye, y[n_easy:]])
+        x = _permute_channels(x, gen)
         x = _shift((x - m_t) / s_t, gen, args.shift)
         y = y * (1 - args.smoothing) + args.smoothing / 10
         loss = torch.sum(-y * F.log_softmax(model(x), dim=1), dim=1).mean()
