@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from utils import bench_interleaved, stamp
+from utils import append_csv, bench_interleaved, stamp
 
 import vitx_fast as vx
 from vitx_fast.onnx_export import export_onnx, exportable_methods
@@ -153,14 +152,7 @@ def write(rows: list[dict], argv: list[str], out: Path = RESULTS) -> None:
     for r in rows:
         r.update(ctx)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "onnx.csv"
-    new = not csv_path.exists()
-    with open(csv_path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    append_csv(out / "onnx.csv", rows, COLUMNS)
     head = ["model", "method", "B", "threads", "PyTorch ms p50 (p20-p80)", "ORT ms p50 (p20-p80)", "ORT / PyTorch",
             "export s", "graph nodes", "MB", "map err max (median)", "PyTorch f32 vs f64", "max logit err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -190,7 +182,7 @@ def write(rows: list[dict], argv: list[str], out: Path = RESULTS) -> None:
         "",
     ]
     (out / "onnx.md").write_text("\n".join(md))
-    print(f"wrote {csv_path} and {out / 'onnx.md'}")
+    print(f"wrote {out / 'onnx.csv'} and {out / 'onnx.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,15 +83,16 @@ def stamp() -> dict[str, str]:
             "commit": git_commit(), "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
+def append_csv(path: Path, rows: list[dict], columns=None) -> None:
+    columns = columns or COLUMNS
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         if new:
             w.writeheader()
         for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+            w.writerow({k: r.get(k, "") for k in columns})
 
 
 def read_csv(path: Path) -> list[dict]:
