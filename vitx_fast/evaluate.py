@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,15 @@ def evaluate(model, data: EvalData, methods, metrics=METRICS, batch_size: int = 
     two = data.labels.dim() == 2
     bar = tqdm(total=len(methods) * math.ceil(N / batch_size), desc=f"evaluate {label} {data.name}",
                disable=not progress)
+    from vitx_fast.models.timm_adapter import UnsupportedModelError
+
     for method in methods:
+        try:  # a method that refuses this model (e.g. T-TAME on other weights than its backbone's) is skipped
+            _explain(model, data.images[:1], method, None)
+        except UnsupportedModelError as exc:
+            print(f"skipping {method} for {label}: {exc}", file=sys.stderr)
+            bar.update(math.ceil(N / batch_size))
+            continue
         acc: dict[str, list] = {}
         t_explain = 0.0
         for s in range(0, N, batch_size):
