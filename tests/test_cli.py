@@ -104,3 +104,32 @@ def test_console_script():
     exe = shutil.which("vitx") or shutil.which("vitx", path=sys.prefix + "/bin")
     r = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "vitx-fast" in r.stdout
+
+
+def test_target_out_of_range_is_one_line_error(checkpoint, images, tmp_path, capsys):
+    code, _, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint, "--target",
+                        "3,999", "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "class index 999 out of range" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("*.npz"))
+
+
+def test_missing_path_reported_rest_explained(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["explain", images / "a.png", tmp_path / "nope.png", "--model", "test_vit",
+                             "--checkpoint", checkpoint, "--method", "rollout", "--out", out, "--quiet"], capsys)
+    assert code == 0 and "nope.png: no such file or folder" in err
+    assert (out / "a.npz").is_file() and "explained 1 of 2" in stdout
+
+
+def test_image_where_every_method_refuses_is_not_marked_done(checkpoint, images, tmp_path, capsys, monkeypatch):
+    import vitx_fast as vx
+
+    def refuse(*a, **k):
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(vx, "explain", refuse)
+    out = tmp_path / "out"
+    code, stdout, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint,
+                             "--method", "rollout", "--out", out, "--quiet"], capsys)
+    assert code == 1 and "refused for the test" in err and "explained 0 of 1" in stdout
+    assert not (out / "a.npz").exists()  # a resumed run retries it

@@ -86,18 +86,23 @@ def _load_checkpoint(model, path: str, state: dict | None = None) -> None:
 
 
 # ---------------------------------------------------------------- images
-def find_images(paths: list[str]) -> list[Path]:
+def find_images(paths: list[str]) -> tuple[list[Path], list[Path]]:
+    """(image files, missing paths): folders are searched recursively; a missing path is reported, not fatal, unless
+    nothing is left."""
     out: list[Path] = []
+    missing: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTS and q.is_file()))
         elif p.exists():
             out.append(p)
         else:
-            raise CLIError(f"no such file or folder: {p}")
+            missing.append(p)
     if not out:
+        if missing:
+            raise CLIError(f"no such file or folder: {' '.join(map(str, missing))}")
         raise CLIError(f"no images found in {' '.join(paths)}")
-    return out
+    return out, missing
 
 
 def make_transform(cfg: dict):
@@ -162,11 +167,15 @@ def cmd_explain(args) -> int:
     methods = _methods(args.method)
     out = Path(args.out)
     _ensure_writable(out)
-    files = find_images(args.paths)
-    model, cfg = load_model(args.model, args.checkpoint, pretrained=False if args.random_weights else None)
-    transform = make_transform(cfg)
+    files, missing = find_images(args.paths)
     target = _parse_target(args.target)
-    failed = 0
+    model, cfg = load_model(args.model, args.checkpoint, pretrained=False if args.random_weights else None)
+    _check_target(target, model)
+    transform = make_transform(cfg)
+    for p in missing:
+        print(f"skipped {p}: no such file or folder", file=sys.stderr)
+    failed = len(missing)
+    files_total = len(files) + len(missing)
     for f in tqdm(files, desc="explain", unit="img", disable=args.quiet):
         stem = out / f.stem
         if (stem.parent / (f.stem + ".npz")).exists() and not args.overwrite:
@@ -203,13 +212,26 @@ def cmd_explain(args) -> int:
                 strip = [viz.overlay(shown, flow[b]) for b in range(flow.shape[0])]
                 viz.save_png(viz.labeled_row(strip, [f"block {b}" for b in range(len(strip))]),
                              out / f"{f.stem}_{m}_flow.png")
-        if logits is not None:
-            arrays["logits"] = logits[0].float().cpu().numpy()
+        if logits is None:  # every method refused: no .npz, so that a later run retries this image
+            failed += 1
+            continue
+        arrays["logits"] = logits[0].float().cpu().numpy()
         viz.save_png(viz.labeled_row(tiles, labels), out / f"{f.stem}_grid.png")
         _save_npz(out / f"{f.stem}.npz", **arrays)
-    n_ok = len(files) - failed
-    print(f"explained {n_ok} of {len(files)} image(s) with {', '.join(methods)} -> {out}")
+    n_ok = files_total - failed
+    print(f"explained {n_ok} of {files_total} image(s) with {', '.join(methods)} -> {out}")
     return 0 if n_ok > 0 else 1
+
+
+def _check_target(target, model) -> None:
+    """Class indices of --target against the model's classes, before any image is read."""
+    n = getattr(model, "num_classes", None)
+    if target is None or target == "all" or not n:
+        return
+    vals = [target] if isinstance(target, int) else target[0]
+    bad = [v for v in vals if not 0 <= v < n]
+    if bad:
+        raise CLIError(f"--target: class index {bad[0]} out of range for a model with {n} classes (0..{n - 1})")
 
 
 def _parse_target(t: str | None):
