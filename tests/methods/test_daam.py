@@ -505,3 +505,60 @@ def test_refusals_and_options():
     # a GAP head is fine for DAAM: ordinary autograd reaches every block's CLS row through the later blocks
     e = vx.explain(make_vit("plain", global_pool="avg"), make_images(make_vit("plain"), 2), method="daam")
     assert torch.isfinite(e.flow).all()
+
+
+# ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
+# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
+# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
+EXTRA = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def _extra(base, kw, size, batch):
+    model = make_vit(base, **kw)
+    if size is None:
+        return model, make_images(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+
+
+def _literal_on_grid(model, images, grid, ssl=False, bank=None, k=20, **kw):
+    """literal_supervised / literal_ssl with the reshape on the grid of the images actually given."""
+    ref = LiteralDAAM(model, ssl=ssl, **kw)
+    ref.reshape_transform = make_reshape_transform(model.num_prefix_tokens, *grid)
+    out = []
+    for i in range(images.shape[0]):
+        if ssl:
+            fv = ref.ssl_forward(images[i:i + 1])
+            wt, label = contri_weight_generate(fv, bank.features.t(), bank.labels, k=k, num_classes=bank.num_classes)
+            cams = ref.generate_fam(fv, wt.unsqueeze(dim=0))
+        else:
+            cams, label = ref.supervised(images[i:i + 1])
+        out.append((np.stack(cams), np.concatenate(ref.cam_per_block_list), label))
+    return [torch.as_tensor(np.stack(z)) for z in zip(*out)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name,base,kw,size", EXTRA, ids=[e[0] for e in EXTRA])
+def test_extra_layouts_match_literal(name, base, kw, size, backend):
+    model, x = _extra(base, kw, size, 2)
+    grid = vx.ViTAdapter(model).grid_for(*x.shape[-2:])
+    L = len(model.blocks)
+    e8 = vx.explain(model, x, method="daam", output="uint8", backend=backend)
+    ef = vx.explain(model, x, method="daam", backend=backend)
+    cams, blocks, labels = _literal_on_grid(model, x, grid, non_liear_mapping=True)
+    assert e8.flow.shape == (2, L, *grid)
+    assert torch.equal(e8.targets, labels) and torch.equal(e8.flow, cams)
+    assert_structured(ef.extras["block_maps"][:, -1])
+    torch.testing.assert_close(ef.extras["block_maps"], blocks, atol=1e-12, rtol=1e-9)
+    one = vx.explain(model, x[1:], method="daam", backend=backend)
+    torch.testing.assert_close(one.flow[0], ef.flow[1], atol=1e-12, rtol=1e-9)
+    # SSL with a kNN bank
+    bank = synthetic_bank(model)
+    s8 = vx.explain(model, x, method="daam", mode="ssl", memory_bank=bank, k=5, output="uint8", backend=backend)
+    cams, blocks, labels = _literal_on_grid(model, x, grid, ssl=True, bank=bank, k=5)
+    assert torch.equal(s8.targets, labels) and torch.equal(s8.flow, cams)

@@ -129,3 +129,40 @@ def test_refusals():
         vx.explain(make_vit("plain", num_classes=0), x, method="gae")
     with pytest.raises(TypeError, match="unknown option"):
         vx.explain(make_vit("plain"), x, method="gae", start_layer=1)
+
+
+# ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
+# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
+# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
+EXTRA = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def _extra(base, kw, size, batch):
+    model = make_vit(base, **kw)
+    if size is None:
+        return model, make_images(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name,base,kw,size", EXTRA, ids=[e[0] for e in EXTRA])
+def test_gae_extra_layouts_match_notebook(name, base, kw, size, backend):
+    model, x = _extra(base, kw, size, 3)
+    h, w = vx.ViTAdapter(model).grid_for(*x.shape[-2:])
+    targets = torch.tensor([0, 2, 6])
+    exp = vx.explain(model, x, method="gae", target=targets, backend=backend)
+    assert exp.maps.shape == (3, h, w) and exp.maps.dtype == torch.float64
+    assert_structured(exp.maps)
+    for b in range(3):
+        ref = generate_relevance(model, x[b:b + 1], int(targets[b])).detach().reshape(h, w)
+        torch.testing.assert_close(exp.maps[b], ref, rtol=1e-9, atol=1e-12)
+    # (B, K) targets: each column equals its own (B,) run
+    two = vx.explain(model, x, method="gae", target=torch.stack([targets, targets.flip(0)], 1), backend=backend)
+    assert two.maps.shape == (3, 2, h, w)
+    torch.testing.assert_close(two.maps[:, 0], exp.maps, rtol=1e-10, atol=1e-14)

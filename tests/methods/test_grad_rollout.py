@@ -195,3 +195,36 @@ def test_bad_options_and_refusals():
         vx.explain(make_vit("plain", class_token=False, global_pool="avg"), x, method="grad_rollout")
     with pytest.raises(vx.UnsupportedModelError, match="headless"):
         vx.explain(make_vit("plain", num_classes=0), x, method="grad_rollout")
+
+
+# ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
+# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
+# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
+EXTRA = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def _extra(base, kw, size, batch):
+    model = make_vit(base, **kw)
+    if size is None:
+        return model, make_images(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name,base,kw,size", EXTRA, ids=[e[0] for e in EXTRA])
+@pytest.mark.parametrize("pairing", ["jacobgil", "correct"])
+def test_grad_rollout_extra_layouts_match_port(name, base, kw, size, pairing):
+    model, x = _extra(base, kw, size, 2)
+    h, w = vx.ViTAdapter(model).grid_for(*x.shape[-2:])
+    targets = torch.tensor([1, 5])
+    for opts, cap in (({"grad_wrt": "logits"}, "legacy"), ({"grad_wrt": "probs"}, "tensor")):
+        exp = vx.explain(model, x, method="grad_rollout", target=targets, pairing=pairing, **opts)
+        assert exp.maps.shape == (2, h, w) and exp.maps.dtype == torch.float64
+        for b in range(2):
+            ref = port(model, x[b:b + 1], int(targets[b]), 0.9, cap, "jacobgil", pairing).reshape(h, w)
+            torch.testing.assert_close(exp.maps[b] / exp.maps[b].max(), ref, rtol=1e-9, atol=1e-12)

@@ -618,3 +618,59 @@ def test_refusals():
         e = vx.explain(model, x, method="lrp")
         assert_structured(e.maps)
         assert (e.extras["relevance_sums"] - 1).abs().max() < 1e-6
+
+
+# ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
+# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
+# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
+EXTRA = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def _extra(base, kw, size, batch):
+    model = make_vit(base, **kw)
+    if size is None:
+        return model, make_images(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name,base,kw,size", EXTRA, ids=[e[0] for e in EXTRA])
+def test_lrp_extra_layouts_match_port(name, base, kw, size, backend):
+    model, x = _extra(base, kw, size, 2)
+    port = port_from_timm(model)
+    h, w = vx.ViTAdapter(model).grid_for(*x.shape[-2:])
+    targets = torch.tensor([1, 4])
+    for s in sorted({0, min(1, len(model.blocks) - 1)}):
+        exp = vx.explain(model, x, method="lrp", target=targets, start_layer=s, backend=backend)
+        assert exp.maps.shape == (2, h, w) and exp.maps.dtype == torch.float64
+        assert_structured(exp.maps)
+        for b in range(2):
+            with torch.no_grad():  # the timm model's own embedding (resampled position embeddings)
+                tokens = model.norm_pre(model._pos_embed(model.patch_embed(x[b:b + 1])))
+            ref = generate_LRP(port, tokens, index=int(targets[b]), start_layer=s, tokens=True).detach().reshape(h, w)
+            assert_maps_close(exp.maps[b], ref, atol=1e-10)
+        one = vx.explain(model, x[1:], method="lrp", target=targets[1:], start_layer=s, backend=backend)
+        assert_maps_close(one.maps[0], exp.maps[1], atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("layout", ["distilled", "plain", "registers"])
+def test_lrp_matches_port_to_float64_precision(layout, backend):
+    """The DeiT head's final tokens feed two IndexSelects (tokens 0 and 1) that a Clone joins, X * (R_a/X + R_b/X)
+    with safe_divide's 1e-9: summing the two token relevances without that Clone leaves a ~1e-9 relative error, below
+    the port test's tolerance but above float64 precision."""
+    model = make_vit(layout)
+    port = port_from_timm(model)
+    x = make_images(model, 2)
+    h, w = model.patch_embed.grid_size
+    exp = vx.explain(model, x, method="lrp", backend=backend)
+    for b in range(2):
+        ref = port_map(model, port, x[b:b + 1], int(exp.targets[b]), 0).reshape(h, w)
+        assert_maps_close(exp.maps[b], ref, atol=2e-10)
+        torch.testing.assert_close(exp.maps[b], ref, rtol=2e-10, atol=2e-10 * float(ref.abs().max()))

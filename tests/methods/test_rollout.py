@@ -123,3 +123,41 @@ def test_bad_discard_ratio():
     model = make_vit("plain")
     with pytest.raises(ValueError, match="discard_ratio"):
         vx.explain(model, make_images(model, 1), method="rollout", discard_ratio=1.0)
+
+
+# ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
+# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
+# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
+EXTRA = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def _extra(base, kw, size, batch):
+    model = make_vit(base, **kw)
+    if size is None:
+        return model, make_images(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("name,base,kw,size", EXTRA, ids=[e[0] for e in EXTRA])
+@pytest.mark.parametrize("fusion,ratio", [("mean", 0.0), ("max", 0.9), ("min", 0.5)])
+def test_rollout_extra_layouts_match_vit_explain(name, base, kw, size, fusion, ratio, backend):
+    model, x = _extra(base, kw, size, 3)
+    h, w = vx.ViTAdapter(model).grid_for(*x.shape[-2:])
+    exp = vx.explain(model, x, method="rollout", head_fusion=fusion, discard_ratio=ratio, renorm="jacobgil",
+                     backend=backend)
+    assert exp.maps.shape == (3, h, w) and exp.maps.dtype == torch.float64
+    if ratio < 0.9:  # depth 1 with 90 % discarded can leave a CLS row of zeros
+        assert_structured(exp.maps)
+    for b in range(3):
+        ref = vit_explain_rollout(model, x[b:b + 1], ratio, fusion).reshape(h, w)
+        torch.testing.assert_close(exp.maps[b], ref, rtol=1e-10, atol=1e-14)
+    one = vx.explain(model, x[2:], method="rollout", head_fusion=fusion, discard_ratio=ratio, renorm="jacobgil",
+                     backend=backend)
+    torch.testing.assert_close(one.maps[0], exp.maps[2], rtol=1e-10, atol=1e-14)

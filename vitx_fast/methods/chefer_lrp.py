@@ -138,10 +138,15 @@ def _head_relprop(adapter, rec, targets: torch.Tensor) -> torch.Tensor:
         pooled = [(0, Ra), (1, Rb)]
     else:
         pooled = [(0, linear_relprop(R, m.head_drop(m.fc_norm(final[:, 0])), m.head.weight))]
-    out = torch.zeros_like(final)
-    for tok, r in pooled:  # IndexSelect: X * (R / X) on the selected token
+    outs = []
+    for tok, r in pooled:  # IndexSelect: X * (R / X) on the selected token, zeros elsewhere
+        out = torch.zeros_like(final)
         out[:, tok] = final[:, tok] * safe_divide(r, final[:, tok])
-    return out
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0]
+    # distilled: the final tokens feed two IndexSelects, so a Clone joins them: X * (R_a / X + R_b / X)
+    return clone_relprop(final, *outs)
 
 
 def chefer_relprop(adapter, rec, targets: torch.Tensor, start_layer: int = 0):
