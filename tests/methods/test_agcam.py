@@ -63,7 +63,9 @@ class LiteralAGCAM:
         mask = gradient * attn
         # the reference drops column 0 (P = 1); generalised to the P prefix columns and an h x w grid
         P = self.model.num_prefix_tokens
-        h, w = self.model.patch_embed.grid_size
+        # the grid of this input (the model's grid_size unless dynamic_img_size runs it at another size)
+        (ph, pw), (H_in, W_in) = self.model.patch_embed.patch_size, input_tensor.shape[-2:]
+        h, w = H_in // ph, W_in // pw
         mask = mask[:, :, :, P:].unsqueeze(0)  # b l h z p
         mask = mask.sum(2) if self.head_fusion == "sum" else mask.mean(2)
         mask = mask.sum(1) if self.layer_fusion == "sum" else mask.mean(1)
@@ -234,3 +236,109 @@ def test_user_model_untouched_and_frozen_params():
     for p in model.parameters():
         p.requires_grad_(True)
     assert_maps_close(got, literal_maps(model.eval(), x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- layouts, targets
+# layouts the LAYOUTS table does not reach: dynamic_img_size run at another input size (with prefix tokens), depth 1
+EXTRA_LAYOUTS = {
+    "dynamic-24x40": ("plain", dict(dynamic_img_size=True), (24, 40)),
+    "dynamic-registers-40x24": ("registers", dict(dynamic_img_size=True), (40, 24)),
+    "dynamic-distilled-24x40": ("distilled", dict(dynamic_img_size=True), (24, 40)),
+    "dynamic-no_embed_class-40x48": ("no_embed_class", dict(dynamic_img_size=True), (40, 48)),
+    "depth1-1head-ls-qknorm": ("plain", dict(depth=1, num_heads=1, init_values=0.5, qk_norm=True), None),
+    "depth1-no_qkv_bias-registers": ("registers", dict(depth=1, qkv_bias=False), None),
+}
+
+
+def _images(model, batch, size, seed=0):
+    if size is None:
+        return make_images(model, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    return torch.randn(batch, 3, *size, generator=g).to(next(model.parameters()).dtype)
+
+
+def each_backend(model, x, **kw):
+    """(backend, explanation) for every backend that can run here: reference, fused, and the kernel backends
+    available on this machine (a backend that declares it cannot serve the device is skipped)."""
+    ran = []
+    for name in vx.list_backends():
+        if name not in vx.get_method("agcam").impls or not vx.get_backend(name).is_available()[0]:
+            continue
+        try:
+            exp = vx.explain(model, x, method="agcam", backend=name, **kw)
+        except ValueError as exc:
+            if "cannot run" not in str(exc):
+                raise
+            continue
+        ran.append(name)
+        yield name, exp
+    assert {"reference", "fused"} <= set(ran), ran
+
+
+@pytest.mark.parametrize("case", list(EXTRA_LAYOUTS), ids=list(EXTRA_LAYOUTS))
+def test_extra_layouts_match_literal_every_backend(case):
+    """float64, batch 1 and 3, every backend against the literal AGCAM.generate port, on the input's own grid."""
+    layout, overrides, size = EXTRA_LAYOUTS[case]
+    model = make_vit(layout, scale=1.5, **overrides)
+    for batch in (1, 3):
+        x = _images(model, batch, size, seed=batch)
+        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size))
+        expected = literal_maps(model, x)
+        assert_structured(expected)
+        for backend, got in each_backend(model, x):
+            assert got.maps.shape == (batch, *grid) and got.maps.dtype == torch.float64, backend
+            torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["registers", "distilled"])
+def test_target_forms_match_literal(layout):
+    """int, list, (B,), (B, K) targets give the literal port's map of each requested class, on every backend."""
+    model = make_vit(layout)
+    x = make_images(model, 2)
+    C = model.num_classes
+    per_class = {c: literal_maps(model, x, torch.tensor([c, c])) for c in range(C)}
+    cases = {
+        "int": (4, torch.stack([per_class[4][0], per_class[4][1]])),
+        "list": ([1, 6], torch.stack([per_class[1][0], per_class[6][1]])),
+        "(B,)": (torch.tensor([2, 0]), torch.stack([per_class[2][0], per_class[0][1]])),
+        "(B,K)": (torch.tensor([[5, 1, 5], [0, 3, 6]]),
+                  torch.stack([torch.stack([per_class[c][b] for c in row]) for b, row in enumerate([[5, 1, 5], [0, 3, 6]])])),
+    }
+    for name, (target, expected) in cases.items():
+        for backend, got in each_backend(model, x, target=target):
+            assert got.maps.shape == expected.shape, (backend, name)
+            torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend} {name}: {m}")
+
+
+def test_normalize_and_upsample_options():
+    """Spec §4: raw maps by default; upsample is bilinear (align_corners=False) and comes before the min-max,
+    which has +1e-12 in its denominator (the reference evaluation: Upsample, then (m - min) / (max - min))."""
+    import torch.nn.functional as F
+
+    model = make_vit("nonsquare")
+    x = make_images(model, 2)
+    t = torch.tensor([[1, 3], [2, 6]])
+    for backend, raw in each_backend(model, x, target=t):
+        assert raw.options["normalize"] is None and raw.options["upsample"] is None
+        flat = raw.maps.flatten(-2)
+        lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+        mm = vx.explain(model, x, method="agcam", target=t, backend=backend, normalize="minmax").maps
+        torch.testing.assert_close(mm, ((flat - lo) / (hi - lo + 1e-12)).view_as(raw.maps), atol=0, rtol=0)
+        up = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40)).maps
+        ref_up = F.interpolate(raw.maps, size=(24, 40), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(up, ref_up, atol=0, rtol=0)
+        both = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40),
+                          normalize="minmax").maps
+        f = ref_up.flatten(-2)
+        expected = ((f - f.amin(-1, keepdim=True)) / (f.amax(-1, keepdim=True) - f.amin(-1, keepdim=True) + 1e-12))
+        torch.testing.assert_close(both, expected.view_as(ref_up), atol=0, rtol=0)
+        # the order matters: min-max first, then the resize, is not the same map
+        assert not torch.allclose(both, F.interpolate(mm, size=(24, 40), mode="bilinear", align_corners=False),
+                                  atol=1e-3)
+        single = vx.explain(model, x, method="agcam", target=t[:, 0], backend=backend, upsample=16,
+                            normalize="minmax").maps
+        assert single.shape == (2, 16, 16)
+    for bad in (dict(normalize="max"), dict(normalize=True), dict(upsample=0), dict(upsample=(16,)),
+                dict(upsample="224"), dict(upsample=True)):
+        with pytest.raises(ValueError):
+            vx.explain(model, x, method="agcam", **bad)

@@ -9,6 +9,7 @@ Independent references written here:
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -54,7 +55,8 @@ def naive_scores(model, images, target_block=-1, mask="gaussian", cls_token=True
                  score="softmax"):
     """Per image: one forward of a hooked deep copy on the N variants. images (B, 3, H, W) -> (B, N, C)."""
     m = copy.deepcopy(model).eval()
-    h, w = m.patch_embed.grid_size
+    (ph, pw), (H_in, W_in) = m.patch_embed.patch_size, images.shape[-2:]
+    h, w = H_in // ph, W_in // pw  # the input's grid (grid_size unless dynamic_img_size runs another size)
     W = naive_mask(h, w, m.num_prefix_tokens, mask, cls_token).to(next(m.parameters()).dtype)[:, :, None]
     blk = m.blocks[target_block]
     if residual == "unmasked":
@@ -590,3 +592,71 @@ def test_option_validation():
         engine(model, images, block_index=-2)
     with pytest.raises(UnsupportedModelError, match="headless"):
         engine(make_vit("plain", num_classes=0), images)
+
+
+# ---------------------------------------------------------------------------------------------------- more layouts
+# layouts the LAYOUTS table does not reach: dynamic_img_size run at another input size (with prefix tokens), depth 1
+EXTRA_LAYOUTS = {
+    "dynamic-24x40": ("plain", dict(dynamic_img_size=True), (24, 40)),
+    "dynamic-registers-40x24": ("registers", dict(dynamic_img_size=True), (40, 24)),
+    "dynamic-distilled-24x40": ("distilled", dict(dynamic_img_size=True), (24, 40)),
+    "dynamic-no_embed_class-40x48": ("no_embed_class", dict(dynamic_img_size=True), (40, 48)),
+    "depth1-1head-ls": ("plain", dict(depth=1, num_heads=1, init_values=0.5), None),
+    "depth1-qknorm-registers": ("registers", dict(depth=1, qk_norm=True), None),
+    "depth1-no_qkv_bias-distilled": ("distilled", dict(depth=1, qkv_bias=False), None),
+}
+
+
+def _images(model, batch, size, seed=0):
+    if size is None:
+        return make_images(model, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    return torch.randn(batch, 3, *size, generator=g).to(next(model.parameters()).dtype)
+
+
+def each_backend(model, x, **kw):
+    """(backend, explanation) for every backend that can run these options here (reference always; fused / cpp /
+    triton where they declare they can serve the layout, device and options)."""
+    ran = []
+    for name in vx.list_backends():
+        if name not in vx.get_method("reciprocam").impls or not vx.get_backend(name).is_available()[0]:
+            continue
+        try:
+            exp = vx.explain(model, x, method="reciprocam", backend=name, **kw)
+        except ValueError as exc:
+            if "cannot run" not in str(exc):
+                raise
+            continue
+        ran.append(name)
+        yield name, exp
+    assert "reference" in ran and (kw.get("target_block", -1) != -1 or "fused" in ran), ran
+
+
+@pytest.mark.parametrize("case", list(EXTRA_LAYOUTS), ids=list(EXTRA_LAYOUTS))
+def test_extra_layouts_match_naive_every_backend(case):
+    """float64, batch 1 and 2: every backend's all-class logit scores equal the naive hooked re-run on the input's own
+    grid, for every mask / cls_token / residual combination, at the last block and (depth > 1) block -2."""
+    layout, overrides, size = EXTRA_LAYOUTS[case]
+    model = make_vit(layout, scale=1.5, **overrides)
+    blocks = (-1, -2) if len(model.blocks) > 1 else (-1,)
+    for batch in (1, 2):
+        x = _images(model, batch, size, seed=batch)
+        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size))
+        for (mask, cls_token, residual), tb in itertools.product(COMBOS, blocks):
+            opts = dict(target_block=tb, mask=mask, cls_token=cls_token, residual=residual)
+            ref = naive_scores(model, x, score="logit", **opts)
+            for backend, exp in each_backend(model, x, target="all", scale="none", score="logit", **opts):
+                got = exp.maps
+                assert got.shape == (batch, model.num_classes, *grid) and got.dtype == torch.float64
+                torch.testing.assert_close(got.flatten(2).transpose(1, 2), ref, atol=1e-11, rtol=1e-10,
+                                           msg=lambda m: f"{backend} {opts}: {m}")
+        # defaults (softmax, min-max with eps) and every target form
+        expected = naive_maps(naive_scores(model, x), grid)  # (B, C, h, w)
+        ar = torch.arange(batch)
+        t_bk = torch.tensor([[6, 0, 3], [2, 2, 5]])[:batch]
+        forms = {"all": ("all", expected), "int": (3, expected[:, 3]), "list": ([5, 1][:batch], expected[ar, [5, 1][:batch]]),
+                 "(B,)": (torch.tensor([4, 2])[:batch], expected[ar, torch.tensor([4, 2])[:batch]]),
+                 "(B,K)": (t_bk, expected[ar[:, None], t_bk])}
+        for name, (target, want) in forms.items():
+            for backend, exp in each_backend(model, x, target=target):
+                assert_maps_close(exp.maps, want, atol=1e-9, normalize=False)

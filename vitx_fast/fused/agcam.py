@@ -10,7 +10,7 @@ import torch
 
 from vitx_fast.fused import backprop
 from vitx_fast.fused.common import stack_columns, target_columns
-from vitx_fast.methods.agcam import AGCAM
+from vitx_fast.methods.agcam import AGCAM, agcam_postprocess
 from vitx_fast.methods.base import MethodResult
 from vitx_fast.ops import agcam_epilogue
 
@@ -74,4 +74,5 @@ def agcam_fused(adapter, images, resolve, opts) -> MethodResult:
         # a mean is the sum over the count: exact
         cam = cam / ((H if opts["head_fusion"] == "mean" else 1) * (L if opts["layer_fusion"] == "mean" else 1))
         maps.append(cam.reshape(B, gh, gw).detach())
-    return MethodResult(maps=stack_columns(maps, targets), targets=targets, logits=logits)
+    maps = agcam_postprocess(stack_columns(maps, targets), opts)
+    return MethodResult(maps=maps, targets=targets, logits=logits)

@@ -10,14 +10,25 @@ import torch
 
 from vitx_fast.methods.base import Method, MethodResult
 from vitx_fast.methods.registry import register_method
+from vitx_fast.postprocess import normalize, upsample
 
 
 @register_method
 class AGCAM(Method):
     name = "agcam"
     summary = "Attention-Guided CAM: ReLU(dy/dA) * sigmoid(scores) on the CLS row, attention inputs detached"
-    options = {"head_fusion": "sum", "layer_fusion": "sum"}
-    choices = {"head_fusion": ("sum", "mean"), "layer_fusion": ("sum", "mean")}
+    # spec §4: raw [B, h, w] maps by default; optional upsample (bilinear, align_corners=False) and then per-map
+    # min-max with +1e-12 in the denominator, the order of the reference's evaluation code
+    options = {"head_fusion": "sum", "layer_fusion": "sum", "normalize": None, "upsample": None}
+    choices = {"head_fusion": ("sum", "mean"), "layer_fusion": ("sum", "mean"), "normalize": (None, "minmax")}
+
+    def validate_options(self, opts):
+        up = opts["upsample"]
+        if up is not None:
+            pair = isinstance(up, (tuple, list)) and len(up) == 2
+            sizes = (up,) if isinstance(up, int) else tuple(up) if pair else ()
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+                raise ValueError(f"agcam: upsample must be None, a positive int or (H, W), got {up!r}")
 
     def refusals(self, adapter, opts):
         reasons = super().refusals(adapter, opts) + self.require_class_token(adapter)
@@ -59,10 +70,20 @@ def agcam_combine(scores: torch.Tensor, grads: torch.Tensor, P: int, grid: tuple
     return cam.reshape(cam.shape[0], *grid)
 
 
+def agcam_postprocess(maps: torch.Tensor, opts) -> torch.Tensor:
+    """Spec §4 post-processing of raw maps (..., h, w): optional bilinear resize, then optional min-max (eps 1e-12)."""
+    if opts["upsample"] is not None:
+        size = opts["upsample"] if isinstance(opts["upsample"], int) else tuple(opts["upsample"])
+        maps = upsample(maps, size, mode="bilinear")
+    if opts["normalize"] == "minmax":
+        maps = normalize(maps, eps=1e-12)
+    return maps
+
+
 @AGCAM.instance.register("reference")
 def agcam_reference(adapter, images, targets, opts) -> MethodResult:
     with torch.enable_grad():
         scores, grads = agcam_rows(adapter, images, targets, detach_attn_input=True)
     grid = adapter.grid_for(*images.shape[-2:])
     maps = agcam_combine(scores, grads, adapter.num_prefix_tokens, grid, opts["head_fusion"], opts["layer_fusion"])
-    return MethodResult(maps=maps.detach())
+    return MethodResult(maps=agcam_postprocess(maps.detach(), opts))
