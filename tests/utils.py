@@ -67,6 +67,49 @@ def make_images(model: nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor
     return torch.randn(batch, 3, h, w, generator=g).to(dtype)
 
 
+def images_at(model: nn.Module, batch: int, size=None, seed: int = 0) -> torch.Tensor:
+    """Random (batch, 3, H, W) inputs in the model's dtype; size (H, W) other than the model's own for
+    dynamic_img_size models, None for the model's own size (make_images)."""
+    if size is None:
+        return make_images(model, batch, seed=seed)
+    g = torch.Generator().manual_seed(seed + 200)
+    return torch.randn(batch, 3, *size, generator=g).to(next(model.parameters()).dtype)
+
+
+# Layouts beyond LAYOUTS: (name, base layout, make_vit overrides, input size or None for the model's own):
+# dynamic_img_size run at another input size (position embeddings resampled, grid differs from
+# patch_embed.grid_size), depth 1, one head.
+EXTRA_LAYOUTS = [
+    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
+    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
+    ("depth1", "plain", dict(depth=1), None),
+    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
+]
+
+
+def extra_model_and_images(base: str, kw: dict, size, batch: int):
+    """(model, images) of an EXTRA_LAYOUTS entry."""
+    model = make_vit(base, **kw)
+    return model, images_at(model, batch, size)
+
+
+def explain_every_backend(model: nn.Module, x: torch.Tensor, method: str, **kw):
+    """Yield (backend, explanation) for every backend of `method` that can run here with these options: reference
+    always; fused / cpp / triton where they declare they can serve the layout, device and options."""
+    import vitx_fast as vx
+
+    for name in vx.list_backends():
+        if name not in vx.get_method(method).impls or not vx.get_backend(name).is_available()[0]:
+            continue
+        try:
+            exp = vx.explain(model, x, method=method, backend=name, **kw)
+        except ValueError as exc:
+            if "cannot run" not in str(exc):
+                raise
+            continue
+        yield name, exp
+
+
 def minmax(x: torch.Tensor) -> torch.Tensor:
     flat = x.flatten(-2)
     lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)

@@ -12,7 +12,8 @@ import copy
 
 import pytest
 import torch
-from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+from utils import (LAYOUTS, assert_maps_close, assert_structured, explain_every_backend, images_at, make_images,
+                   make_vit)
 
 import vitx_fast as vx
 
@@ -250,26 +251,12 @@ EXTRA_LAYOUTS = {
 }
 
 
-def _images(model, batch, size, seed=0):
-    if size is None:
-        return make_images(model, batch, seed=seed)
-    g = torch.Generator().manual_seed(seed + 200)
-    return torch.randn(batch, 3, *size, generator=g).to(next(model.parameters()).dtype)
+_images = images_at
 
 
 def each_backend(model, x, **kw):
-    """(backend, explanation) for every backend that can run here: reference, fused, and the kernel backends
-    available on this machine (a backend that declares it cannot serve the device is skipped)."""
     ran = []
-    for name in vx.list_backends():
-        if name not in vx.get_method("agcam").impls or not vx.get_backend(name).is_available()[0]:
-            continue
-        try:
-            exp = vx.explain(model, x, method="agcam", backend=name, **kw)
-        except ValueError as exc:
-            if "cannot run" not in str(exc):
-                raise
-            continue
+    for name, exp in explain_every_backend(model, x, "agcam", **kw):
         ran.append(name)
         yield name, exp
     assert {"reference", "fused"} <= set(ran), ran

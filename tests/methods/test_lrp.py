@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+from utils import (EXTRA_LAYOUTS, LAYOUTS, assert_maps_close, assert_structured, extra_model_and_images, make_images,
+                   make_vit)
 
 import vitx_fast as vx
 
@@ -621,22 +622,7 @@ def test_refusals():
 
 
 # ----------------------------------------------------------------------------------------- layouts beyond LAYOUTS
-# (name, base layout, make_vit overrides, input size or None for the model's own): dynamic_img_size run at another
-# input size (position embeddings resampled, grid differs from patch_embed.grid_size), depth 1, one head.
-EXTRA = [
-    ("dynamic_registers", "registers", dict(dynamic_img_size=True), (40, 24)),
-    ("dynamic_distilled", "distilled", dict(dynamic_img_size=True), (24, 48)),
-    ("depth1", "plain", dict(depth=1), None),
-    ("depth1_1head", "plain", dict(depth=1, num_heads=1, embed_dim=24), None),
-]
-
-
-def _extra(base, kw, size, batch):
-    model = make_vit(base, **kw)
-    if size is None:
-        return model, make_images(model, batch)
-    g = torch.Generator().manual_seed(11)
-    return model, torch.randn(batch, 3, *size, generator=g, dtype=torch.float64)
+EXTRA, _extra = EXTRA_LAYOUTS, extra_model_and_images
 
 
 @pytest.mark.parametrize("backend", ["reference", "fused"])

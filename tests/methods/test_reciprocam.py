@@ -14,7 +14,8 @@ import math
 
 import pytest
 import torch
-from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit, minmax
+from utils import (LAYOUTS, assert_maps_close, assert_structured, explain_every_backend, images_at, make_images,
+                   make_vit, minmax)
 
 import vitx_fast as vx
 from vitx_fast.methods.reciprocam import variant_weights
@@ -607,26 +608,12 @@ EXTRA_LAYOUTS = {
 }
 
 
-def _images(model, batch, size, seed=0):
-    if size is None:
-        return make_images(model, batch, seed=seed)
-    g = torch.Generator().manual_seed(seed + 200)
-    return torch.randn(batch, 3, *size, generator=g).to(next(model.parameters()).dtype)
+_images = images_at
 
 
 def each_backend(model, x, **kw):
-    """(backend, explanation) for every backend that can run these options here (reference always; fused / cpp /
-    triton where they declare they can serve the layout, device and options)."""
     ran = []
-    for name in vx.list_backends():
-        if name not in vx.get_method("reciprocam").impls or not vx.get_backend(name).is_available()[0]:
-            continue
-        try:
-            exp = vx.explain(model, x, method="reciprocam", backend=name, **kw)
-        except ValueError as exc:
-            if "cannot run" not in str(exc):
-                raise
-            continue
+    for name, exp in explain_every_backend(model, x, "reciprocam", **kw):
         ran.append(name)
         yield name, exp
     assert "reference" in ran and (kw.get("target_block", -1) != -1 or "fused" in ran), ran
