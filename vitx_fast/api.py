@@ -10,6 +10,12 @@ from vitx_fast.methods.targets import resolve_targets
 from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
 
 
+def refusals(model, method: str, **options) -> list[str]:
+    """Why `method` with these options cannot explain `model` (empty when it can); nothing is computed."""
+    m = get_method(method)
+    return m.refusals(ViTAdapter(model), m.resolve_options(options))
+
+
 def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None, backend: str | None = None,
             **options) -> Explanation:
     """Explain a timm ViT's predictions.

@@ -73,13 +73,12 @@ def evaluate(model, data: EvalData, methods, metrics=METRICS, batch_size: int = 
     two = data.labels.dim() == 2
     bar = tqdm(total=len(methods) * math.ceil(N / batch_size), desc=f"evaluate {label} {data.name}",
                disable=not progress)
-    from vitx_fast.models.timm_adapter import UnsupportedModelError
+    from vitx_fast.api import refusals
 
     for method in methods:
-        try:  # a method that refuses this model (e.g. T-TAME on other weights than its backbone's) is skipped
-            _explain(model, data.images[:1], method, None)
-        except UnsupportedModelError as exc:
-            print(f"skipping {method} for {label}: {exc}", file=sys.stderr)
+        reasons = refusals(model, method)
+        if reasons:  # a method that refuses this model (e.g. T-TAME on other weights than its backbone's) is skipped
+            print(f"skipping {method} for {label}: {'; '.join(reasons)}", file=sys.stderr)
             bar.update(math.ceil(N / batch_size))
             continue
         acc: dict[str, list] = {}

@@ -23,12 +23,7 @@ class AGCAM(Method):
     choices = {"head_fusion": ("sum", "mean"), "layer_fusion": ("sum", "mean"), "normalize": (None, "minmax")}
 
     def validate_options(self, opts):
-        up = opts["upsample"]
-        if up is not None:
-            pair = isinstance(up, (tuple, list)) and len(up) == 2
-            sizes = (up,) if isinstance(up, int) else tuple(up) if pair else ()
-            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
-                raise ValueError(f"agcam: upsample must be None, a positive int or (H, W), got {up!r}")
+        self.check_upsample(opts["upsample"])
 
     def refusals(self, adapter, opts):
         reasons = super().refusals(adapter, opts) + self.require_class_token(adapter)

@@ -70,6 +70,14 @@ class Method:
     def validate_options(self, opts: dict[str, Any]) -> None:
         """Extra checks on resolved options (ranges etc.); raise ValueError."""
 
+    def check_upsample(self, up) -> None:
+        """An `upsample` option: None, a positive int or an (H, W) pair of positive ints."""
+        if up is not None:
+            pair = isinstance(up, (tuple, list)) and len(up) == 2
+            sizes = (up,) if isinstance(up, int) else tuple(up) if pair else ()
+            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
+                raise ValueError(f"{self.name}: upsample must be None, a positive int or (H, W), got {up!r}")
+
     def check_target(self, target, opts: dict[str, Any]) -> None:
         """Reject a `target` argument this method cannot honour (raise ValueError)."""
 

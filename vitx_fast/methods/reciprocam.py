@@ -60,12 +60,7 @@ class ReciproCAM(Method):
             raise ValueError(f"reciprocam: eps must be a number >= 0, got {eps!r}")
         if opts["scale"] == "uint8" and eps == 0:
             raise ValueError("reciprocam: scale='uint8' needs eps > 0 (a constant map would give NaN)")
-        up = opts["upsample"]
-        if up is not None:
-            pair = isinstance(up, (tuple, list)) and len(up) == 2
-            sizes = (up,) if isinstance(up, int) else tuple(up) if pair else ()
-            if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
-                raise ValueError(f"reciprocam: upsample must be None, a positive int or (H, W), got {up!r}")
+        self.check_upsample(opts["upsample"])
         c = opts["chunk"]
         if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c <= 0):
             raise ValueError(f"reciprocam: chunk must be None or a positive int (variants per chunk), got {c!r}")
