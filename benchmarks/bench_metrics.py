@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import git_commit  # noqa: E402
+from utils import git_commit
 
-from vitx_fast import metrics as M  # noqa: E402
+from vitx_fast import metrics as M
 
 COLUMNS = ["metric", "implementation", "batch", "image", "ms_p50", "ms_min", "ms_max", "images_per_s", "ratio",
            "max_abs_diff", "threads", "torch", "commit", "timestamp"]
@@ -227,7 +227,7 @@ def main() -> int:
         w.writeheader()
         w.writerows(rows)
     head = ["metric", "implementation", "ms / batch (p50)", "images/s", "peer time / ours", "max |diff|"]
-    lines = [f"# Metric throughput: vitx_fast.metrics vs peers\n",
+    lines = ["# Metric throughput: vitx_fast.metrics vs peers\n",
              f"`nice python benchmarks/bench_metrics.py` - timm vit_tiny_patch16_224 (random weights), batch {b}, "
              f"224x224, float32, CPU, {args.threads} thread(s), torch {torch.__version__}, commit {stamp['commit']}, "
              f"{stamp['timestamp']}. Our times are the median of {args.reps} runs; the SciPy-based ROAD peers run "

@@ -32,7 +32,8 @@ from vitx_fast.onnx_export import export_onnx, exportable_methods
 RESULTS = Path(__file__).parent / "results"
 COLUMNS = ["model", "method", "batch", "threads", "torch_ms_p50", "torch_ms_p20", "torch_ms_p80", "ort_ms_p50",
            "ort_ms_p20", "ort_ms_p80", "ort_over_torch", "export_s", "onnx_mb", "graph_nodes", "max_map_err",
-           "median_map_err", "torch32_vs_64_max_err", "max_logit_err", "opset", "torch", "onnxruntime", "version", "commit", "timestamp"]
+           "median_map_err", "torch32_vs_64_max_err", "max_logit_err", "opset", "torch", "onnxruntime", "version",
+           "commit", "timestamp"]
 GROSS = 1e-3  # a median map error (or a logit error) above this is a broken graph, not float32 rounding
 
 
@@ -70,7 +71,7 @@ def peaked_weights(model, seed: int = 0) -> None:
 
 def method_options(model, method: str) -> dict:
     if method == "tame":
-        from vitx_fast.tame.module import TAMEExplainer
+        from vitx_fast.methods.tame.module import TAMEExplainer
 
         return {"explainer": TAMEExplainer.for_model(model, seed=0).eval()}
     return {}
@@ -173,7 +174,8 @@ def write(rows: list[dict], argv: list[str], out: Path = RESULTS) -> None:
         "`InferenceSession.run` of the graph `vx.export_onnx` wrote (model + explanation, the gradient methods' "
         "backward as ordinary operators), CPU provider, intra-op threads = torch threads. **ORT / PyTorch** < 1 "
         "means onnxruntime is faster. Errors: ORT vs PyTorch, min-max normalised maps (max and median over the "
-        "images) and logits, both float32. Random inputs; timm models with random weights re-drawn as the tests' models (peaked attention); top-1 target; tame with "
+        "images) and logits, both float32. Random inputs; timm models with random weights re-drawn as the tests' "
+        "models (peaked attention); top-1 target; tame with "
         "an untrained explainer. `PyTorch f32 vs f64` is the max error of PyTorch's own float32 maps against float64: "
         "where it is large (LRP, ReciproCAM on such inputs) the map is ill-conditioned in float32, and ORT's float32 "
         "differs from PyTorch's by the same order.",

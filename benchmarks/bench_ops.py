@@ -99,11 +99,11 @@ def run(ops_wanted, impls_wanted, dtypes, devices, threads, warmup, rep) -> list
                 fn = getattr(ops, op)
                 for dtype in dtypes:
                     args, moved = make_case(op, dtype, device)
-                    expected = fn(*args, impl="reference")
+                    expected = fn(*args, kernels="reference")
                     impls = ["reference"] + [i for i in impls_for(device, impls_wanted) if i != "reference"]
                     for impl in impls[1:]:
-                        assert_close(fn(*args, impl=impl), expected, f"{op} {impl} {dtype}")
-                    timed = bench_interleaved({impl: (lambda fn=fn, args=args, impl=impl: fn(*args, impl=impl))
+                        assert_close(fn(*args, kernels=impl), expected, f"{op} {impl} {dtype}")
+                    timed = bench_interleaved({impl: (lambda fn=fn, args=args, impl=impl: fn(*args, kernels=impl))
                                                for impl in impls}, device, warmup=warmup, rep=rep)
                     ref_ms = timed["reference"]["ms_p50"]
                     for impl, t in timed.items():
@@ -166,7 +166,7 @@ def write_markdown(rows: list[dict], path: Path, compare: dict | None) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", nargs="+", default=list(ops.OPS), choices=list(ops.OPS))
-    ap.add_argument("--impls", nargs="+", default=["reference", "cpp", "triton"], choices=list(ops.IMPLS))
+    ap.add_argument("--impls", nargs="+", default=["reference", "cpp", "triton"], choices=list(ops.FAMILIES))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=["float32", "float64", "float16"])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rep", type=int, default=15)

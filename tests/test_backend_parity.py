@@ -7,6 +7,7 @@ import torch
 from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
 
 import vitx_fast as vx
+from vitx_fast.engine.backends import ExplainRequest
 
 CASES = [
     ("rollout", {}),
@@ -38,7 +39,7 @@ def fast_backends(method):
     out = []
     for name in vx.list_backends():
         be = vx.get_backend(name)
-        if name != "reference" and name in vx.get_method(method).impls and be.is_available()[0]:
+        if name != "reference" and not be.not_supported_reasons(ExplainRequest(vx.get_method(method), None, {})):
             out.append(name)
     return out
 
@@ -129,11 +130,10 @@ def test_autograd_fallback_for_modules_without_explicit_vjp(method):
     """A SiLU MLP has no explicit VJP here: the fused path falls back to autograd and still equals the reference."""
     import torch.nn as nn
 
-    from vitx_fast.fused import backprop
-    from vitx_fast.models import ViTAdapter
+    from vitx_fast.engine import ViTAdapter, vjp
 
     model = make_vit("registers", act_layer=nn.SiLU)
-    assert backprop.unsupported_reasons(ViTAdapter(model))
+    assert vjp.not_supported_reasons(ViTAdapter(model))
     x = make_images(model, 2)
     t = torch.tensor([[1, 2], [3, 4]])
     fast = vx.explain(model, x, method=method, target=t)

@@ -98,8 +98,10 @@ def explain_every_backend(model: nn.Module, x: torch.Tensor, method: str, **kw):
     always; fused / cpp / triton where they declare they can serve the layout, device and options."""
     import vitx_fast as vx
 
+    from vitx_fast.engine.backends import ExplainRequest
+
     for name in vx.list_backends():
-        if name not in vx.get_method(method).impls or not vx.get_backend(name).is_available()[0]:
+        if vx.get_backend(name).not_supported_reasons(ExplainRequest(vx.get_method(method), None, {})):
             continue
         try:
             exp = vx.explain(model, x, method=method, backend=name, **kw)

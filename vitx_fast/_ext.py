@@ -5,7 +5,7 @@ _C = None
 _IMPORT_ERROR: str | None = None
 try:
     from vitx_fast import _C  # type: ignore[attr-defined,no-redef]
-except Exception as exc:  # noqa: BLE001 - any import failure means "not available", with the reason kept
+except Exception as exc:
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 

@@ -1,19 +1,60 @@
-"""The public entry point: `explain(model, images, method=..., target=..., backend=..., **options)`."""
+"""The public entry point: `explain(model, images, method=..., target=..., backend=..., **options)`.
+
+`prepare` does everything before the first tensor operation (options, target form, model refusals, backend choice)
+for both `explain` and `vitx_fast.export.ExplainerModule`, so the two refuse the same things with the same words.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-from vitx_fast.backends.dispatch import select_backend
+from vitx_fast.engine.adapter import UnsupportedModelError, ViTAdapter
+from vitx_fast.engine.backends import Backend, select_backend
 from vitx_fast.explanation import Explanation
+from vitx_fast.methods.base import Implementation, Method
 from vitx_fast.methods.registry import get_method
-from vitx_fast.methods.targets import resolve_targets
-from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
 
 
-def refusals(model, method: str, **options) -> list[str]:
+@dataclass
+class Plan:
+    """A method ready to run on one model: resolved options, the chosen backend and its implementation."""
+
+    method: Method
+    opts: dict
+    adapter: ViTAdapter
+    backend: Backend
+    impl: Implementation
+
+    def run(self, images: torch.Tensor, resolve) -> Explanation:
+        """images: (B, C, H, W) on the model's device and dtype; resolve(logits) -> targets (B,) or (B, K)."""
+        res = self.impl(self.adapter, images, resolve, self.opts, kernels=self.backend.KERNELS)
+        return Explanation(maps=res.maps, targets=res.targets, logits=res.logits, method=self.method.name,
+                           backend=self.backend.NAME, flow=res.flow, options=self.opts, extras=res.extras)
+
+
+def prepare(model, method: str, options: dict, target=None, backend: str | None = None) -> Plan:
+    """Check the method, its options, the target form and the model; choose the backend. Nothing is computed.
+
+    Raises ValueError / TypeError (unknown method, option or value; a target form the method cannot honour),
+    UnsupportedModelError (the method cannot explain this model, with every reason), ValueError (an explicit backend
+    that cannot serve) or NotImplementedError (no backend can).
+    """
+    m = get_method(method)
+    opts = m.resolve_options(options)
+    m.check_target(target, opts)
+    adapter = ViTAdapter(model)
+    reasons = m.not_supported_reasons(adapter, opts)
+    if reasons:
+        raise UnsupportedModelError(f"{method} cannot explain this model: " + "; ".join(reasons))
+    be = select_backend(m, adapter, opts, backend)
+    return Plan(m, opts, adapter, be, be.implementation(m))
+
+
+def not_supported_reasons(model, method: str, **options) -> list[str]:
     """Why `method` with these options cannot explain `model` (empty when it can); nothing is computed."""
     m = get_method(method)
-    return m.refusals(ViTAdapter(model), m.resolve_options(options))
+    return m.not_supported_reasons(ViTAdapter(model), m.resolve_options(options))
 
 
 def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None, backend: str | None = None,
@@ -26,45 +67,7 @@ def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None
     backend: None (fastest that can serve), or a name from `list_backends()`. options: the method's options.
     Returns an Explanation with maps (B, h, w) or (B, K, h, w) at the method's native scale.
     """
-    m = get_method(method)
-    opts = m.resolve_options(options)
-    m.check_target(target, opts)
-    adapter = ViTAdapter(model)
-    reasons = m.refusals(adapter, opts)
-    if reasons:
-        raise UnsupportedModelError(f"{method} cannot explain this model: " + "; ".join(reasons))
-    images = adapter.check_images(images)
-    be = select_backend(m, adapter, images, opts, backend)
-    impl = m.impls[be.NAME]
-    def resolve(logits):
-        return resolve_targets(target, logits, images.shape[0], method=method, multi_ok=m.multi_target,
-                               class_agnostic=m.class_agnostic)
-
-    with adapter.session():
-        if getattr(impl, "resolves_targets", False):
-            res = impl(adapter, images, resolve, opts)
-            targets = res.targets
-            return Explanation(maps=res.maps, targets=targets, logits=res.logits, method=method, backend=be.NAME,
-                               flow=res.flow, options=opts, extras=res.extras)
-        logits = adapter.logits(images)
-        targets = resolve(logits)
-        if targets.dim() == 2 and m.class_agnostic:
-            # the map does not depend on the class: compute once, repeat for the K requested targets
-            res = impl(adapter, images, targets[:, 0], opts)
-            k = targets.shape[1]
-            maps = res.maps.unsqueeze(1).expand(-1, k, *res.maps.shape[1:]).contiguous()
-            flow = None if res.flow is None else res.flow.unsqueeze(1).expand(-1, k, *res.flow.shape[1:]).contiguous()
-            extras = res.extras
-        elif targets.dim() == 2 and not m.multi_target:
-            # one pass per requested column; each column is an ordinary (B,) run
-            results = [impl(adapter, images, targets[:, j], opts) for j in range(targets.shape[1])]
-            maps = torch.stack([r.maps for r in results], dim=1)
-            flow = None if results[0].flow is None else torch.stack([r.flow for r in results], dim=1)
-            extras = {"per_target": [r.extras for r in results]} if results[0].extras else {}
-        else:
-            res = impl(adapter, images, targets, opts)
-            maps, flow, extras = res.maps, res.flow, res.extras
-            if res.targets is not None:
-                targets = res.targets
-    return Explanation(maps=maps, targets=targets, logits=logits, method=method, backend=be.NAME, flow=flow,
-                       options=opts, extras=extras)
+    plan = prepare(model, method, options, target, backend)
+    images = plan.adapter.check_images(images)
+    with plan.adapter.session():
+        return plan.run(images, plan.method.resolver(target, images.shape[0]))

@@ -10,9 +10,9 @@ import gc
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -94,7 +94,7 @@ def _peer_fns(model, x) -> dict[str, Callable[[], object]]:
             return [ov.generate_saliency_map(xi) for xi in xs]
 
         peers["openvino_xai:reciprocam"] = run_ov
-    except Exception:  # noqa: BLE001 - a peer that is missing or whose API differs is skipped
+    except Exception:
         pass
     try:
         from pytorch_grad_cam import GradCAM
@@ -111,7 +111,7 @@ def _peer_fns(model, x) -> dict[str, Callable[[], object]]:
             return cam(input_tensor=x, targets=None)
 
         peers["pytorch_grad_cam:gradcam"] = run_gc
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     return peers
 
@@ -123,9 +123,9 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
     from tqdm import tqdm
 
     import vitx_fast as vx
-    from vitx_fast.backends.dispatch import select_backend
+    from vitx_fast.engine.adapter import ViTAdapter
+    from vitx_fast.engine.backends import select_backend
     from vitx_fast.methods.registry import get_method
-    from vitx_fast.models.timm_adapter import ViTAdapter
 
     methods = list(methods or [m for m in vx.list_methods() if m not in ("grad_rollout", "tame")])
     backends = list(backends or vx.list_backends())
@@ -137,7 +137,7 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
         size = model.patch_embed.img_size[0]
         x = torch.randn(batch, 3, *model.patch_embed.img_size)
 
-        def forward():
+        def forward(model=model, x=x):
             with torch.no_grad():
                 return model(x)
 
@@ -152,9 +152,9 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
             for backend in backends:
                 bar.set_postfix_str(f"{name} B{batch} {method}/{backend}")
                 opts = m.resolve_options({})
-                reasons = list(m.refusals(adapter, opts))
+                reasons = list(m.not_supported_reasons(adapter, opts))
                 try:
-                    select_backend(m, adapter, x, opts, backend)
+                    select_backend(m, adapter, opts, backend)
                 except (ValueError, NotImplementedError) as exc:
                     reasons = [str(exc)]
                 if not reasons and backend == "reference" and batch > reference_max_batch:
@@ -164,12 +164,14 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
                     continue
                 target = "all" if m.multi_target else None
 
-                def run_one(method=method, backend=backend, target=target):
+                def run_one(model=model, x=x, method=method, backend=backend, target=target):
                     return vx.explain(model, x, method=method, target=target, backend=backend)
 
-                ms, mb = measure(run_one, warmup=1 if backend != "reference" else 0, reps=reps if backend != "reference" else 1)
+                slow = backend == "reference"
+                ms, mb = measure(run_one, warmup=0 if slow else 1, reps=1 if slow else reps)
                 rows.append(Row(method=method, backend=backend, ms=ms, images_per_s=batch * 1000 / ms,
-                                ratio_to_forward=ms / f_ms, peak_mb=mb, peak_ratio_to_forward=mb / f_mb if f_mb else float("nan"),
+                                ratio_to_forward=ms / f_ms, peak_mb=mb,
+                                peak_ratio_to_forward=mb / f_mb if f_mb else float("nan"),
                                 note="all classes" if target == "all" else "top-1", **common))
                 bar.update(1)
         if peers:
@@ -177,8 +179,8 @@ def run(models=("vit_small_patch16_224", "vit_base_patch16_224"), batches=(1, 8)
                 ms, mb = measure(fn, reps=reps)
                 method, lib = peer.split(":")[1], peer.split(":")[0]
                 rows.append(Row(method=method, backend=lib, ms=ms, images_per_s=batch * 1000 / ms,
-                                ratio_to_forward=ms / f_ms, peak_mb=mb, peak_ratio_to_forward=mb / f_mb if f_mb else float("nan"),
-                                note="peer", **common))
+                                ratio_to_forward=ms / f_ms, peak_mb=mb,
+                                peak_ratio_to_forward=mb / f_mb if f_mb else float("nan"), note="peer", **common))
         del model
         gc.collect()
     bar.close()

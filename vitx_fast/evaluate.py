@@ -66,93 +66,109 @@ def evaluate(model, data: EvalData, methods, metrics=METRICS, batch_size: int = 
     """Returns (rows: one dict of aggregated metrics per method, curves: method -> name -> mean curve)."""
     from tqdm import tqdm
 
-    from vitx_fast import metrics as M
+    from vitx_fast.api import not_supported_reasons
 
     rows, curves = [], {}
     N = data.images.shape[0]
-    two = data.labels.dim() == 2
-    bar = tqdm(total=len(methods) * math.ceil(N / batch_size), desc=f"evaluate {label} {data.name}",
-               disable=not progress)
-    from vitx_fast.api import refusals
-
+    steps = math.ceil(N / batch_size)
+    bar = tqdm(total=len(methods) * steps, desc=f"evaluate {label} {data.name}", disable=not progress)
     for method in methods:
-        reasons = refusals(model, method)
+        reasons = not_supported_reasons(model, method)
         if reasons:  # a method that refuses this model (e.g. T-TAME on other weights than its backbone's) is skipped
             print(f"skipping {method} for {label}: {'; '.join(reasons)}", file=sys.stderr)
-            bar.update(math.ceil(N / batch_size))
+            bar.update(steps)
             continue
         acc: dict[str, list] = {}
         t_explain = 0.0
         for s in range(0, N, batch_size):
-            x = data.images[s:s + batch_size]
-            y = data.labels[s:s + batch_size]
-            masks = data.masks[s:s + batch_size]
-            with torch.no_grad():
-                pred = model(x).argmax(-1)
-            t0 = time.perf_counter()
-            if two:
-                exp = _explain(model, x, method, y)  # (B, 2, h, w): each digit's own class
-                t_explain += time.perf_counter() - t0
-                for j in range(2):
-                    own, other = masks[:, j], masks[:, 1 - j]
-                    acc.setdefault("pointing_own", []).append(M.pointing_game(exp.maps[:, j], own)["pointing_game"])
-                    acc.setdefault("pointing_other", []).append(
-                        M.pointing_game(exp.maps[:, j], other)["pointing_game"])
-                    acc.setdefault("iou_own", []).append(M.localization(exp.maps[:, j], own)["iou"])
-                    acc.setdefault("top2_has_label", []).append(
-                        (model(x).topk(2, -1).indices == y[:, j:j + 1]).any(-1).double())
-                bar.update(1)
-                continue
-            exp = _explain(model, x, method, torch.stack([pred, y], 1))  # (B, 2, h, w): predicted, label
-            t_explain += time.perf_counter() - t0
-            maps_pred, maps_label = exp.maps[:, 0], exp.maps[:, 1]
-            gt = masks.any(1)
-            correct = pred == y
-            acc.setdefault("accuracy", []).append(correct.double())
-            if "localization" in metrics:
-                loc = M.localization(maps_pred, gt)
-                pg = M.pointing_game(maps_pred, gt)["pointing_game"]
-                for k in ("pixel_accuracy", "iou", "dice", "precision", "recall"):
-                    acc.setdefault(k, []).append(torch.where(correct, loc[k], torch.nan))
-                acc.setdefault("pointing_game", []).append(torch.where(correct, pg, torch.nan))
-            if "abpc" in metrics:
-                r = M.abpc(model, x, maps_label, y)
-                acc.setdefault("abpc", []).append(r["abpc"])
-                acc.setdefault("abpc_morf_curve", []).append(r["morf_curve"])
-                acc.setdefault("abpc_lerf_curve", []).append(r["lerf_curve"])
-            if "adic" in metrics:
-                r = M.average_drop_increase(model, x, maps_pred, pred, keep=(100, 50, 15))
-                for j, k in enumerate((100, 50, 15)):
-                    acc.setdefault(f"ad{k}", []).append(r["average_drop"][:, j])
-                    acc.setdefault(f"ic{k}", []).append(r["increase_in_confidence"][:, j])
-            if "road" in metrics:
-                r = M.road(model, x, maps_pred, pred)
-                acc.setdefault("road_morf_acc", []).append(r["morf_accuracy"])
-                acc.setdefault("road_lerf_acc", []).append(r["lerf_accuracy"])
-                acc.setdefault("road_morf_curve", []).append(r["morf_correct"])
-                acc.setdefault("road_lerf_curve", []).append(r["lerf_correct"])
-            if "insertion_deletion" in metrics:
-                r = M.insertion_deletion(model, x, maps_pred, pred)
-                acc.setdefault("insertion", []).append(r["insertion"])
-                acc.setdefault("deletion", []).append(r["deletion"])
-                acc.setdefault("insertion_curve", []).append(r["insertion_curve"])
-                acc.setdefault("deletion_curve", []).append(r["deletion_curve"])
+            sl = slice(s, s + batch_size)
+            t_explain += _evaluate_batch(acc, model, method, data.images[sl], data.labels[sl], data.masks[sl], metrics)
             bar.update(1)
-        row = {"model": label, "data": data.name, "method": method, "images": N,
-               "ms_per_image": 1000 * t_explain / N}
-        key = f"{method} ({label})"
-        curves[key] = {}
-        for k, v in acc.items():
-            t = torch.cat([a.double() for a in v])
-            if k.endswith("_curve"):
-                curves[key][k] = t.nanmean(0).tolist()
-            else:
-                row[k] = float(t.nanmean()) if t.numel() else float("nan")
-                if k == "pixel_accuracy":
-                    row["kept"] = int((~t.isnan()).sum())
-        rows.append(row)
+        row, curves[f"{method} ({label})"] = _aggregate(acc)
+        rows.append({"model": label, "data": data.name, "method": method, "images": N,
+                     "ms_per_image": 1000 * t_explain / N, **row})
     bar.close()
     return rows, curves
+
+
+def _evaluate_batch(acc: dict, model, method: str, x, y, masks, metrics) -> float:
+    """Explain one batch and append its per-image metric values to `acc`; returns the seconds spent explaining.
+    x: (B, 3, H, W); y: (B,) labels or (B, 2) for two-object scenes; masks: (B, K, H, W) per-object masks."""
+    with torch.no_grad():
+        pred = model(x).argmax(-1)
+    t0 = time.perf_counter()
+    if y.dim() == 2:
+        exp = _explain(model, x, method, y)  # (B, 2, h, w): each digit's own class
+        seconds = time.perf_counter() - t0
+        _two_object_metrics(acc, model, x, y, masks, exp.maps)
+        return seconds
+    exp = _explain(model, x, method, torch.stack([pred, y], 1))  # (B, 2, h, w): predicted, label
+    seconds = time.perf_counter() - t0
+    _one_object_metrics(acc, model, x, y, pred, masks.any(1), exp.maps[:, 0], exp.maps[:, 1], metrics)
+    return seconds
+
+
+def _two_object_metrics(acc: dict, model, x, y, masks, maps) -> None:
+    """Class sensitivity on two-digit scenes: does each digit's map point at its own digit or at the other one?"""
+    from vitx_fast import metrics as M
+
+    with torch.no_grad():
+        top2 = model(x).topk(2, -1).indices
+    for j in range(2):
+        own, other = masks[:, j], masks[:, 1 - j]
+        acc.setdefault("pointing_own", []).append(M.pointing_game(maps[:, j], own)["pointing_game"])
+        acc.setdefault("pointing_other", []).append(M.pointing_game(maps[:, j], other)["pointing_game"])
+        acc.setdefault("iou_own", []).append(M.localization(maps[:, j], own)["iou"])
+        acc.setdefault("top2_has_label", []).append((top2 == y[:, j:j + 1]).any(-1).double())
+
+
+def _one_object_metrics(acc: dict, model, x, y, pred, gt, maps_pred, maps_label, metrics) -> None:
+    """Localization (correct predictions only), ABPC (label maps), AD/IC, ROAD, insertion/deletion (predicted)."""
+    from vitx_fast import metrics as M
+
+    def add(key, value):
+        acc.setdefault(key, []).append(value)
+
+    correct = pred == y
+    add("accuracy", correct.double())
+    if "localization" in metrics:
+        loc = M.localization(maps_pred, gt)
+        for k in ("pixel_accuracy", "iou", "dice", "precision", "recall"):
+            add(k, torch.where(correct, loc[k], torch.nan))
+        add("pointing_game", torch.where(correct, M.pointing_game(maps_pred, gt)["pointing_game"], torch.nan))
+    if "abpc" in metrics:
+        r = M.abpc(model, x, maps_label, y)
+        add("abpc", r["abpc"])
+        add("abpc_morf_curve", r["morf_curve"])
+        add("abpc_lerf_curve", r["lerf_curve"])
+    if "adic" in metrics:
+        r = M.average_drop_increase(model, x, maps_pred, pred, keep=(100, 50, 15))
+        for j, k in enumerate((100, 50, 15)):
+            add(f"ad{k}", r["average_drop"][:, j])
+            add(f"ic{k}", r["increase_in_confidence"][:, j])
+    if "road" in metrics:
+        r = M.road(model, x, maps_pred, pred)
+        for key, name in (("road_morf_acc", "morf_accuracy"), ("road_lerf_acc", "lerf_accuracy"),
+                          ("road_morf_curve", "morf_correct"), ("road_lerf_curve", "lerf_correct")):
+            add(key, r[name])
+    if "insertion_deletion" in metrics:
+        r = M.insertion_deletion(model, x, maps_pred, pred)
+        for key in ("insertion", "deletion", "insertion_curve", "deletion_curve"):
+            add(key, r[key])
+
+
+def _aggregate(acc: dict) -> tuple[dict, dict]:
+    """Per-image values -> (row of means, mean curves); NaN entries (e.g. misclassified images) are left out."""
+    row, curves = {}, {}
+    for k, v in acc.items():
+        t = torch.cat([a.double() for a in v])
+        if k.endswith("_curve"):
+            curves[k] = t.nanmean(0).tolist()
+        else:
+            row[k] = float(t.nanmean()) if t.numel() else float("nan")
+            if k == "pixel_accuracy":
+                row["kept"] = int((~t.isnan()).sum())
+    return row, curves
 
 
 COLUMNS = ["model", "data", "method", "accuracy", "kept", "pointing_game", "iou", "dice", "precision", "recall",
@@ -210,7 +226,7 @@ def _plots(rows, curves, out: Path, stem: str) -> list[Path]:
             if any(k in r and not math.isnan(r[k]) for r in rows)]
     if keys:
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
-        for ax, k in zip(axes[0], keys):
+        for ax, k in zip(axes[0], keys, strict=True):
             sel = [r for r in rows if k in r]
             ax.bar(range(len(sel)), [r[k] for r in sel], color="tab:blue")
             ax.set_xticks(range(len(sel)), [f"{r['method']}\n{r['model']}" for r in sel], rotation=90, fontsize=7)

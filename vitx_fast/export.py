@@ -9,10 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from vitx_fast.backends.dispatch import select_backend
-from vitx_fast.methods.registry import get_method
-from vitx_fast.methods.targets import resolve_targets
-from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
+from vitx_fast.api import prepare
 from vitx_fast.postprocess import UPSAMPLE_MODES, _pil_bicubic_weights, normalize, upsample
 
 
@@ -30,19 +27,16 @@ class ExplainerModule(nn.Module):
     def __init__(self, model: nn.Module, method: str, target=None, backend: str | None = "fused", *,
                  upsample: bool | str = False, normalize: bool = False, flow: bool = False, **options):
         super().__init__()
-        self.model = model
-        self.method = get_method(method)
-        self.opts = self.method.resolve_options(options)
-        self.adapter = ViTAdapter(model)
-        reasons = self.method.refusals(self.adapter, self.opts)
-        if reasons:
-            raise UnsupportedModelError(f"{method} cannot explain this model: " + "; ".join(reasons))
         if not (isinstance(target, str) or target is None) or target not in (None, "all", "input"):
             raise ValueError("ExplainerModule: target must be None (top-1), 'all' or 'input' (a class index input)")
-        if target is not None:
-            self.method.check_target(target, self.opts)
+        self.model = model
+        self.plan = prepare(model, method, options, target, backend)
+        self.method, self.opts, self.adapter = self.plan.method, self.plan.opts, self.plan.adapter
         if target == "input" and self.method.class_agnostic:
             raise ValueError(f"{method}: the map depends on no class; a class input would be unused")
+        if not self.plan.impl.TRACEABLE:
+            raise ValueError(f"{method}: the {self.plan.backend.NAME} implementation is not a single traceable "
+                             "program")
         self.target = target
         mode = "bilinear" if upsample is True else (upsample or None)
         if mode is not None and mode not in UPSAMPLE_MODES:
@@ -59,10 +53,6 @@ class ExplainerModule(nn.Module):
             self.register_buffer("pil_wh", _pil_bicubic_weights(h, H, **kw), persistent=False)
             self.register_buffer("pil_ww", _pil_bicubic_weights(w, W, **kw), persistent=False)
             self.pil_size = ((h, w), (H, W))
-        self.backend = select_backend(self.method, self.adapter, None, self.opts, backend)
-        self.impl = self.method.impls[self.backend.NAME]
-        if not getattr(self.impl, "resolves_targets", False):
-            raise ValueError(f"{method}: the {self.backend.NAME} implementation is not a single traceable program")
 
     def epilogue(self, maps: torch.Tensor, size) -> torch.Tensor:
         """(..., h, w) -> (..., H, W) when upsampling, min-max normalised per map when asked."""
@@ -77,14 +67,12 @@ class ExplainerModule(nn.Module):
         m, target = self.method, self.target
         if (target == "input") != (classes is not None):
             raise ValueError("ExplainerModule: pass `classes` (B,) exactly when built with target='input'")
-
-        def resolve(logits):
-            if classes is not None:
+        if classes is not None:
+            def resolve(logits):
                 return classes.to(device=logits.device, dtype=torch.long)
-            return resolve_targets(target, logits, images.shape[0], method=m.name, multi_ok=m.multi_target,
-                                   class_agnostic=m.class_agnostic)
-
-        res = self.impl(self.adapter, images, resolve, self.opts)
+        else:
+            resolve = m.resolver(target, images.shape[0])
+        res = self.plan.run(images, resolve)
         size = tuple(images.shape[-2:])
         maps = self.epilogue(res.maps, size)
         if not self.flow:

@@ -10,10 +10,9 @@ def collect(model=None) -> dict:
     import timm
 
     from vitx_fast import __version__, _ext
-    from vitx_fast.backends.dispatch import support_matrix
-    from vitx_fast.backends.registry import list_backends
+    from vitx_fast.engine.adapter import ViTAdapter
+    from vitx_fast.engine.backends import list_backends, support_matrix
     from vitx_fast.methods.registry import get_method, list_methods
-    from vitx_fast.models.timm_adapter import ViTAdapter
 
     return {
         "vitx_fast": __version__,
@@ -27,7 +26,8 @@ def collect(model=None) -> dict:
                    "build": dict(_ext._C.build_info()) if _ext.is_available() else None},
         "backends": list_backends(),
         "methods": {m: get_method(m).summary for m in list_methods()},
-        "matrix": support_matrix(None if model is None else ViTAdapter(model)),
+        "matrix": support_matrix([get_method(m) for m in list_methods()],
+                                 None if model is None else ViTAdapter(model)),
         "ops": _ops_info(),
     }
 
@@ -70,7 +70,7 @@ def render(info: dict) -> str:
         lines.extend(notes)
     ops = info["ops"]
     lines.append("")
-    lines.append("fused ops (used by the fused backend; auto dispatch: triton on CUDA, cpp on CPU where it beats torch):")
+    lines.append("fused ops, kernel families (auto: triton on CUDA, cpp on CPU where it beats torch, else reference):")
     for impl, why in ops["availability"].items():
         lines.append(f"  {impl:<10} {'available' if why is None else 'not available: ' + why}")
     for op, cpp in ops["cpp_default"].items():

@@ -3,7 +3,7 @@
 The graph is `ExplainerModule` (the method's fast path) traced by `torch.onnx.export(dynamo=True)`: inputs `images`
 (batch, 3, H, W) and optionally `classes` (batch,) int64; outputs `logits` (batch, C), `maps` (batch, h, w) or
 (batch, C, h, w) for target="all", and optionally `flow` (batch, L, h, w) (DAAM's per-block maps). The gradient
-methods run their backward as explicit VJPs (`vitx_fast.fused.backprop`), so the backward is ordinary operators in
+methods run their backward as explicit VJPs (`vitx_fast.engine.vjp`), so the backward is ordinary operators in
 the graph and nothing needs autograd at run time.
 
 Every check runs before anything is written. The temporary file is created in the target folder before tracing (an
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from vitx_fast.engine import vjp
+from vitx_fast.engine.adapter import UnsupportedModelError, ViTAdapter
 from vitx_fast.methods.registry import get_method, list_methods
-from vitx_fast.models.timm_adapter import UnsupportedModelError, ViTAdapter
 from vitx_fast.postprocess import UPSAMPLE_MODES
 
 # opsets the exporter emits natively (torchlib starts at 18) up to torch's declared maximum; an opset outside this
@@ -43,9 +44,8 @@ class OnnxExportError(RuntimeError):
 
 
 def exportable_methods() -> list[str]:
-    """Methods with a single-program fast path (a fused implementation that resolves its own targets)."""
-    return [m for m in list_methods()
-            if getattr(get_method(m).impls.get("fused"), "resolves_targets", False)]
+    """Methods with a single-program fast path (a traceable fast implementation)."""
+    return [m for m in list_methods() if getattr(get_method(m).implementations.get("fast"), "TRACEABLE", False)]
 
 
 def _require_onnx() -> None:
@@ -84,8 +84,9 @@ def check_method(method):
         raise ValueError(f"unknown method {method!r}; methods that export to ONNX: {exportable_methods()}")
     m = get_method(method)
     if method not in exportable_methods():
-        raise ValueError(f"{method} has no single-program fast path (only {sorted(m.impls)} implementations) and "
-                         f"cannot be exported; methods that export to ONNX: {exportable_methods()}")
+        raise ValueError(f"{method} has no single-program fast path (only {sorted(m.implementations)} "
+                         f"implementations) and cannot be exported; methods that export to ONNX: "
+                         f"{exportable_methods()}")
     return m
 
 
@@ -148,9 +149,7 @@ def validate(model, method: str, target=None, *, class_input=False, upsample=Fal
         raise UnsupportedModelError("the model has no fixed input size (patch_embed.img_size): the graph's image "
                                     "input needs one")
     if method in GRADIENT_METHODS:
-        from vitx_fast.fused.backprop import unsupported_reasons
-
-        reasons = unsupported_reasons(adapter)
+        reasons = vjp.not_supported_reasons(adapter)
         if reasons:
             raise UnsupportedModelError(
                 f"{method} needs the model's backward written as explicit operators, which covers timm ViTs built "
@@ -183,7 +182,7 @@ def _quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lv in zip(loggers, levels):
+        for lg, lv in zip(loggers, levels, strict=True):
             lg.setLevel(lv)
 
 
@@ -249,7 +248,7 @@ def _write_atomic(proto, f, tmp: str, path: Path) -> None:
         os.fsync(f.fileno())
     try:
         onnx.checker.check_model(tmp, full_check=True)
-    except Exception as exc:  # noqa: BLE001 - any checker failure means the graph is not shipped
+    except Exception as exc:
         raise OnnxExportError(f"onnx.checker rejected the exported graph: {exc}") from exc
     os.replace(tmp, path)
 
@@ -314,10 +313,10 @@ def _graph(module, method, args, input_names, output_names, opset, dynamic_batch
             proto = build_graph(trace(module, args, dynamic_batch), args, input_names, output_names, opset)
         except OnnxExportError:
             raise
-        except Exception as exc:  # noqa: BLE001 - name what failed; the full trace stays attached
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise OnnxExportError(f"tracing {method} into ONNX failed: {type(exc).__name__}: {first}") from exc
-    got = {o.domain: o.version for o in proto.opset_import}.get("", None)
+    got = {o.domain: o.version for o in proto.opset_import}.get("")
     if got != opset:
         raise OnnxExportError(f"the exporter produced opset {got} instead of {opset}")
     for value in list(proto.graph.input) + list(proto.graph.output):

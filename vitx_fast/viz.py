@@ -42,7 +42,7 @@ def labeled_row(tiles: list[np.ndarray], labels: list[str], tile: int = 160) -> 
     cap = 16
     canvas = Image.new("RGB", (tile * len(tiles), tile + cap), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    for i, (t, lab) in enumerate(zip(tiles, labels)):
+    for i, (t, lab) in enumerate(zip(tiles, labels, strict=True)):
         canvas.paste(Image.fromarray(t).resize((tile, tile), Image.BILINEAR), (i * tile, cap))
         d.text((i * tile + 3, 2), lab[: tile // 6], fill=(0, 0, 0))
     return np.asarray(canvas)

@@ -21,8 +21,8 @@ from utils import (EXTRA_LAYOUTS, LAYOUTS, assert_maps_close, assert_structured,
                    make_vit)
 
 import vitx_fast as vx
-from vitx_fast.methods.daam import block_maps, daam_captures, display_maps, spatial_features
-from vitx_fast.methods.daam_memory import MemoryBank
+from vitx_fast.methods.daam.reference import block_maps, daam_captures, display_maps, spatial_features
+from vitx_fast.methods.daam.memory_bank import MemoryBank
 
 ALL_LAYOUTS = sorted(LAYOUTS)
 

@@ -132,7 +132,7 @@ def test_options_match_port(layout, pairing, ratio, renorm):
 def test_matrix_chain_on_random_tensors(T, L, ratio, renorm):
     """Random attentions and signed gradients (so (CLS, CLS) is often a small positive entry that the discard must
     not protect), batch 3 through the engine's chain vs the port's `grad_rollout` image by image."""
-    from vitx_fast.methods.grad_rollout import grad_rollout_matrix
+    from vitx_fast.methods.grad_rollout.reference import grad_rollout_matrix
 
     g = torch.Generator().manual_seed(T * 10 + L)
     attns = [torch.randn(3, 2, T, T, generator=g, dtype=torch.float64).mul(2).softmax(-1) for _ in range(L)]

@@ -18,8 +18,8 @@ from utils import (LAYOUTS, assert_maps_close, assert_structured, explain_every_
                    make_vit, minmax)
 
 import vitx_fast as vx
-from vitx_fast.methods.reciprocam import variant_weights
-from vitx_fast.models.timm_adapter import UnsupportedModelError
+from vitx_fast.methods.reciprocam.reference import variant_weights
+from vitx_fast.engine.adapter import UnsupportedModelError
 from vitx_fast.postprocess import upsample
 
 G3 = [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]]

@@ -18,7 +18,7 @@ def tiny_vit(layout: str, **overrides):
 
 def tame_explainer(model, seed: int = 0):
     """An untrained T-TAME explainer for `model` with random weights and BN statistics (BN folding exercised)."""
-    from vitx_fast.tame.module import TAMEExplainer
+    from vitx_fast.methods.tame.module import TAMEExplainer
 
     ex = TAMEExplainer.for_model(model, seed=seed)
     g = torch.Generator().manual_seed(seed)

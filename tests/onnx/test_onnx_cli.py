@@ -7,7 +7,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from vitx_fast.cli import main  # noqa: E402
-from vitx_fast.onnx_cli import parse_options  # noqa: E402
+from vitx_fast.cli.export import parse_options  # noqa: E402
 
 
 def cli(argv, capsys):

@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 import vitx_fast.onnx_export as oe  # noqa: E402
-from vitx_fast.models.timm_adapter import UnsupportedModelError  # noqa: E402
+from vitx_fast.engine.adapter import UnsupportedModelError  # noqa: E402
 from vitx_fast.onnx_export import OnnxExportError, export_onnx  # noqa: E402
 
 

@@ -144,18 +144,18 @@ def test_binding_validates():
 def test_explicit_impl_refusals(monkeypatch):
     args = make_inputs(1, 1, 2, 5, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown implementation 'cuda'"):
-        ops.agcam_epilogue(*args, impl="cuda")
+        ops.agcam_epilogue(*args, kernels="cuda")
     with pytest.raises(ValueError, match="cpp supports float32 and float64, got torch.float16"):
-        ops.agcam_epilogue(*[a.half() for a in args], impl="cpp")
+        ops.agcam_epilogue(*[a.half() for a in args], kernels="cpp")
     with pytest.raises(ValueError, match="not differentiable"):
-        ops.agcam_epilogue(args[0].clone().requires_grad_(True), *args[1:], impl="cpp")
+        ops.agcam_epilogue(args[0].clone().requires_grad_(True), *args[1:], kernels="cpp")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton runs on CUDA tensors"):
-        ops.agcam_epilogue(*args, impl="triton")
+        ops.agcam_epilogue(*args, kernels="triton")
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_IMPORT_ERROR", "ImportError: simulated")
     with pytest.raises(ValueError, match="native module vitx_fast._C is not available .*simulated"):
-        ops.agcam_epilogue(*args, impl="cpp")
+        ops.agcam_epilogue(*args, kernels="cpp")
 
 
 def test_auto_dispatch_records_the_impl(monkeypatch):
@@ -168,13 +168,13 @@ def test_auto_dispatch_records_the_impl(monkeypatch):
     for listed in (True, False):
         monkeypatch.setattr(module, "CPP_DEFAULT", listed)
         outs.append(ops.agcam_epilogue(*args))
-        assert ops.last_impl(OP) == ("cpp" if listed and _ext.is_available() else "reference")
+        assert ops.last_kernels(OP) == ("cpp" if listed and _ext.is_available() else "reference")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(module, "CPP_DEFAULT", True)
     ops.agcam_epilogue(*[a.half() for a in args])
-    assert ops.last_impl(OP) == "reference"  # no fast kernel for float16 on CPU
+    assert ops.last_kernels(OP) == "reference"  # no fast kernel for float16 on CPU
     ops.agcam_epilogue(args[0].clone().requires_grad_(True), *args[1:]).sum().backward()
-    assert ops.last_impl(OP) == "reference"  # autograd needs the differentiable path
+    assert ops.last_kernels(OP) == "reference"  # autograd needs the differentiable path
 
 
 @pytest.mark.gpu
@@ -184,7 +184,7 @@ def test_cuda_dispatches_to_triton(dtype):
     pytest.importorskip("triton")
     args = [a.cuda() for a in make_inputs(8, 12, 12, 197, 64, dtype=dtype)]
     out = ops.agcam_epilogue(*args)
-    assert ops.last_impl(OP) == "triton"
+    assert ops.last_kernels(OP) == "triton"
     expected = kernel(OP, "reference")(*to64(args))
     tol = {torch.float16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))

@@ -141,18 +141,18 @@ def test_binding_validates():
 def test_explicit_impl_refusals(monkeypatch):
     args = make_inputs(1, 1, 2, 5, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown implementation"):
-        ops.daam_block_maps(*args, impl="fast")
+        ops.daam_block_maps(*args, kernels="fast")
     with pytest.raises(ValueError, match="cpp supports float32 and float64, got torch.bfloat16"):
-        ops.daam_block_maps(*[x.bfloat16() for x in args], impl="cpp")
+        ops.daam_block_maps(*[x.bfloat16() for x in args], kernels="cpp")
     with pytest.raises(ValueError, match="not differentiable"):
-        ops.daam_block_maps(*args[:2], args[2].clone().requires_grad_(True), impl="triton")
+        ops.daam_block_maps(*args[:2], args[2].clone().requires_grad_(True), kernels="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton runs on CUDA tensors"):
-        ops.daam_block_maps(*args, impl="triton")
+        ops.daam_block_maps(*args, kernels="triton")
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_IMPORT_ERROR", "ImportError: simulated")
     with pytest.raises(ValueError, match="native module vitx_fast._C is not available .*simulated"):
-        ops.daam_block_maps(*args, impl="cpp")
+        ops.daam_block_maps(*args, kernels="cpp")
 
 
 def test_auto_dispatch_records_the_impl(monkeypatch):
@@ -165,13 +165,13 @@ def test_auto_dispatch_records_the_impl(monkeypatch):
     for listed in (True, False):
         monkeypatch.setattr(module, "CPP_DEFAULT", listed)
         outs.append(ops.daam_block_maps(*args))
-        assert ops.last_impl(OP) == ("cpp" if listed and _ext.is_available() else "reference")
+        assert ops.last_kernels(OP) == ("cpp" if listed and _ext.is_available() else "reference")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(module, "CPP_DEFAULT", True)
     ops.daam_block_maps(*[x.half() for x in args])
-    assert ops.last_impl(OP) == "reference"  # no fast kernel for float16 on CPU
+    assert ops.last_kernels(OP) == "reference"  # no fast kernel for float16 on CPU
     ops.daam_block_maps(*args[:2], args[2].clone().requires_grad_(True)).sum().backward()
-    assert ops.last_impl(OP) == "reference"  # autograd needs the differentiable path
+    assert ops.last_kernels(OP) == "reference"  # autograd needs the differentiable path
 
 
 @pytest.mark.gpu
@@ -181,7 +181,7 @@ def test_cuda_dispatches_to_triton(dtype):
     pytest.importorskip("triton")
     args = [x.cuda() for x in make_inputs(8, 12, 12, 197, 64, dtype=dtype)]
     out = ops.daam_block_maps(*args)
-    assert ops.last_impl(OP) == "triton"
+    assert ops.last_kernels(OP) == "triton"
     expected = kernel(OP, "reference")(*to64(args))
     tol = {torch.float16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))

@@ -224,19 +224,19 @@ def test_binding_validates():
 def test_explicit_impl_refusals(monkeypatch):
     args, _ = make_inputs(1, 5, 1, 3, 2, 3, dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown implementation"):
-        ops.masked_variant_attention(*args, impl="numba")
+        ops.masked_variant_attention(*args, kernels="numba")
     half = [x.half() if x.is_floating_point() else x for x in args]
     with pytest.raises(ValueError, match="cpp supports float32 and float64, got torch.float16"):
-        ops.masked_variant_attention(*half, impl="cpp")
+        ops.masked_variant_attention(*half, kernels="cpp")
     with pytest.raises(ValueError, match="not differentiable"):
-        ops.masked_variant_attention(args[0].clone().requires_grad_(True), *args[1:], impl="cpp")
+        ops.masked_variant_attention(args[0].clone().requires_grad_(True), *args[1:], kernels="cpp")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="triton runs on CUDA tensors"):
-        ops.masked_variant_attention(*args, impl="triton")
+        ops.masked_variant_attention(*args, kernels="triton")
     monkeypatch.setattr(_ext, "_C", None)
     monkeypatch.setattr(_ext, "_IMPORT_ERROR", "ImportError: simulated")
     with pytest.raises(ValueError, match="native module vitx_fast._C is not available .*simulated"):
-        ops.masked_variant_attention(*args, impl="cpp")
+        ops.masked_variant_attention(*args, kernels="cpp")
 
 
 def test_auto_dispatch_records_the_impl(monkeypatch):
@@ -249,13 +249,13 @@ def test_auto_dispatch_records_the_impl(monkeypatch):
     for listed in (True, False):
         monkeypatch.setattr(module, "CPP_DEFAULT", listed)
         outs.append(ops.masked_variant_attention(*args))
-        assert ops.last_impl(OP) == ("cpp" if listed and _ext.is_available() else "reference")
+        assert ops.last_kernels(OP) == ("cpp" if listed and _ext.is_available() else "reference")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(module, "CPP_DEFAULT", True)
     ops.masked_variant_attention(*[x.half() if x.is_floating_point() else x for x in args])
-    assert ops.last_impl(OP) == "reference"  # no fast kernel for float16 on CPU
+    assert ops.last_kernels(OP) == "reference"  # no fast kernel for float16 on CPU
     ops.masked_variant_attention(args[0].clone().requires_grad_(True), *args[1:]).sum().backward()
-    assert ops.last_impl(OP) == "reference"  # autograd needs the differentiable path
+    assert ops.last_kernels(OP) == "reference"  # autograd needs the differentiable path
 
 
 @pytest.mark.gpu
@@ -266,7 +266,7 @@ def test_cuda_dispatches_to_triton(dtype):
     args, _ = make_inputs(8, 197, 12, 64, 196, 11, dtype=dtype, weights=gaussian_weights(1, 14, 14))
     args = [x.cuda() for x in args]
     out = ops.masked_variant_attention(*args)
-    assert ops.last_impl(OP) == "triton"
+    assert ops.last_kernels(OP) == "triton"
     expected = kernel(OP, "reference")(*to64(args))
     tol = {torch.float16: 2e-2, torch.float32: 1e-4, torch.float64: 1e-10}[dtype]
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))

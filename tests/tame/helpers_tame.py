@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vitx_fast.tame.module import TAMEExplainer
+from vitx_fast.methods.tame.module import TAMEExplainer
 from ttame_ref import RefGeneric
 
 

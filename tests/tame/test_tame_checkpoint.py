@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from utils import make_images, make_vit
 
 import vitx_fast as vx
-from vitx_fast.models.timm_adapter import UnsupportedModelError
-from vitx_fast.tame import checkpoint as ckpt
-from vitx_fast.tame.checkpoint import BackboneMismatchError, TameCheckpointError
+from vitx_fast.engine.adapter import UnsupportedModelError
+from vitx_fast.methods.tame import checkpoint as ckpt
+from vitx_fast.methods.tame.checkpoint import BackboneMismatchError, TameCheckpointError
 
 
 @pytest.fixture()
@@ -123,9 +123,6 @@ def test_mismatched_backbones(saved):
 
 
 def test_shipped_missing_is_a_refusal(monkeypatch, tmp_path):
-    import vitx_fast.methods.ttame as mt
-
-    monkeypatch.setattr(mt, "SHIPPED", tmp_path / "none.safetensors")
     monkeypatch.setattr(ckpt, "SHIPPED", tmp_path / "none.safetensors")
     model = make_vit("plain")
     with pytest.raises(UnsupportedModelError, match="shipped T-TAME explainer is missing"):

@@ -15,8 +15,8 @@ from ttame_ref import AREA_COEFF, CE_COEFF, SMOOTH_COEFF, RefGeneric, area_loss,
 from utils import assert_structured, make_images, make_vit
 
 import vitx_fast as vx
-from vitx_fast.models.timm_adapter import ViTAdapter
-from vitx_fast.tame.train import _frozen, make_optimizer, make_scheduler, train_step
+from vitx_fast.engine.adapter import ViTAdapter
+from vitx_fast.methods.tame.train import _frozen, make_optimizer, make_scheduler, train_step
 
 COMBOS = {
     "registers_nonsquare": ("registers", dict(img_size=(24, 40))),  # P = 5, grid 3 x 5

@@ -18,10 +18,10 @@ from helpers_tame import random_explainer
 from ttame_ref import RefGeneric, classic_loss, get_optim, get_schedule
 from utils import make_images, make_vit
 
-from vitx_fast.models.timm_adapter import ViTAdapter
-from vitx_fast.tame.losses import (AREA_COEFF, CE_COEFF, TV_COEFF, area_loss, mask_images, select_maps, tame_loss,
+from vitx_fast.engine.adapter import ViTAdapter
+from vitx_fast.methods.tame.losses import (AREA_COEFF, CE_COEFF, TV_COEFF, area_loss, mask_images, select_maps, tame_loss,
                                    tv_loss)
-from vitx_fast.tame.train import _frozen, make_optimizer, make_scheduler, train_step
+from vitx_fast.methods.tame.train import _frozen, make_optimizer, make_scheduler, train_step
 
 
 def test_terms_by_hand_2x2():

@@ -17,7 +17,7 @@ from ttame_ref import normalize_min_max
 from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
 
 import vitx_fast as vx
-from vitx_fast.tame.module import AttentionTAME, fast_scores, fold_batchnorm, tokens_to_grid
+from vitx_fast.methods.tame.module import AttentionTAME, fast_scores, fold_batchnorm, tokens_to_grid
 
 
 def test_parameter_count_vit_b16():

@@ -11,7 +11,7 @@ import torch
 from utils import make_images, make_vit
 
 import vitx_fast as vx
-from vitx_fast.tame.train import FINAL_NAME, epoch_path
+from vitx_fast.methods.tame.train import FINAL_NAME, epoch_path
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +146,11 @@ def test_dataset_dataloader_and_folder(model, data, tmp_path):
 
 
 def test_cli_subcommand(model, data, tmp_path, monkeypatch, capsys):
-    import vitx_fast.cli as cli
-    from vitx_fast.tame.cli import add_parser
+    import vitx_fast.cli._common as cli
+    from vitx_fast.cli.train_tame import add_parser
 
     monkeypatch.setattr(cli, "load_model", lambda name, checkpoint=None: (model, {"mean": None, "std": None}))
-    monkeypatch.setattr("vitx_fast.tame.train.resolve_data",
+    monkeypatch.setattr("vitx_fast.methods.tame.train.resolve_data",
                         lambda model_, data_, **kw: (data, f"tensor{tuple(data.shape)}"))
     parser = argparse.ArgumentParser(prog="vitx")
     add_parser(parser.add_subparsers(dest="command"))

@@ -98,7 +98,7 @@ class Benchmark:
 
 
 # ----------------------------------------------------------------------------------------------- sources
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digits():
     from sklearn.datasets import load_digits
 
@@ -106,7 +106,7 @@ def _digits():
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source_split():
     """Fixed per-class split of the 1,797 digits -> {"train": idx, "test": idx} (sorted int64 arrays)."""
     _, y = _digits()
@@ -120,7 +120,7 @@ def source_split():
     return {"train": np.sort(np.concatenate(train)), "test": np.sort(np.concatenate(test))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _by_class(split):
     _, y = _digits()
     idx = source_split()[split]
@@ -133,7 +133,7 @@ def _font_dir():
     return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font_digits(per_font=6):
     """Digits rendered from matplotlib's fonts, reduced like the NIST preprocessing of ``load_digits``
     (32x32 binary bitmap -> counts of on-pixels in 4x4 blocks) -> (float32 (M, 8, 8), labels (M,))."""
@@ -169,7 +169,7 @@ def _font_digits(per_font=6):
     return np.stack(out).astype(np.float32), np.asarray(labels, np.int64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backgrounds():
     """Sample photos/textures as float32 (H, W, 3) in [0, 1], reduced to a short side of at most 192 px."""
     import skimage.data as skd
@@ -195,7 +195,7 @@ def _backgrounds():
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _clutter_bank():
     """Non-digit distractor bitmaps, float32 (32, 32) in [0, 1]: shapes and letters."""
     bank = []
@@ -241,7 +241,8 @@ def _place(rng, S, h, w, theta, taken, tries=30):
 
 
 def _render_alpha(src, S, cy, cx, h, w, theta, shear, threshold, elastic, rng, pad):
-    """(alpha window (h', w'), y0, x0) of bitmap ``src`` (padded by ``pad`` zeros) mapped onto a rotated h x w box at (cy, cx)."""
+    """(alpha window (h', w'), y0, x0) of bitmap ``src`` (padded by ``pad`` zeros) mapped onto a rotated h x w box at
+    (cy, cx)."""
     sh, sw = src.shape[0] - 2 * pad, src.shape[1] - 2 * pad
     c, s = abs(np.cos(theta)), abs(np.sin(theta))
     eh, ew = h * c + w * s + 2, h * s + w * c + 2
@@ -404,7 +405,7 @@ def generate_raw(split="test", n=100, objects=1, seed=0, size=None, cfg=None, st
     cfg = cfg or TEST_SCENES
     out = [render_scene(np.random.default_rng([int(seed), _SPLIT_CODE[split], objects, int(stream), start + i]),
                         S, objects, split, cfg) for i in range(int(n))]
-    raw, labels, boxes, masks, sources = (np.stack(v) for v in zip(*out)) if out else (
+    raw, labels, boxes, masks, sources = (np.stack(v) for v in zip(*out, strict=True)) if out else (
         np.zeros((0, S, S, 3), np.uint8), np.zeros((0, objects), np.int64), np.zeros((0, objects, 4), np.int64),
         np.zeros((0, objects, S, S), bool), np.zeros((0, objects), np.int64))
     return {"raw": raw, "labels": labels, "boxes": boxes, "masks": masks, "sources": sources}

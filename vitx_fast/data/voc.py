@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+from vitx_fast.data.images import IMAGE_EXTENSIONS
 
 
 class AnnotationError(ValueError):
@@ -155,8 +155,8 @@ def load_image_folder(root, annotations=None, size=None, transform=None, mean=No
             sizes.append((W, H))
             out.paths.append(path)
     if out.skipped:
-        warnings.warn(f"skipped {len(out.skipped)} unreadable image(s): "
-                      + ", ".join(p for p, _ in out.skipped[:5]) + (" ..." if len(out.skipped) > 5 else ""))
+        shown = ", ".join(p for p, _ in out.skipped[:5]) + (" ..." if len(out.skipped) > 5 else "")
+        warnings.warn(f"skipped {len(out.skipped)} unreadable image(s): {shown}", stacklevel=2)
     out.images = torch.stack(images) if images else torch.zeros(0, 3, 0, 0)
     out.labels = np.asarray(labels, np.int64)
     out.sizes = np.asarray(sizes, np.int64).reshape(-1, 2)
@@ -176,7 +176,7 @@ def _voc_xml(filename, folder, W, H, names, boxes):
     sz = ET.SubElement(ann, "size")
     for tag, v in (("width", W), ("height", H), ("depth", 3)):
         ET.SubElement(sz, tag).text = str(v)
-    for name, (x0, y0, x1, y1) in zip(names, boxes):
+    for name, (x0, y0, x1, y1) in zip(names, boxes, strict=True):
         obj = ET.SubElement(ann, "object")
         ET.SubElement(obj, "name").text = name
         ET.SubElement(obj, "difficult").text = "0"

@@ -57,7 +57,7 @@ def check_masked_variant_attention(q, pk, pv, idx, m, valid, log_nz, bk, bv) -> 
         if t.device != q.device:
             raise ValueError(f"{op}: {name} must be on the device of q ({q.device}), got {t.device}")
     # padded slots are never read, so only valid ones must be in range (one small reduction; syncs on CUDA)
-    from vitx_fast.ops._dispatch import tracing  # a value check cannot be traced: skip it there
+    from vitx_fast.engine.dispatch import tracing  # a value check cannot be traced: skip it there
 
     if N * A and not tracing([q, idx]) and bool((valid & ((idx < 0) | (idx >= T))).any()):
         raise ValueError(f"{op}: valid entries of idx must lie in [0, T) = [0, {T})")

@@ -1,38 +1,112 @@
-"""Method base class: declared options, model refusals and one implementation per backend."""
+"""What a method is: declared options, model refusals, and its implementations (reference and fast).
+
+A method package `vitx_fast/methods/<name>/` defines one `Method` subclass in its `__init__.py`, a
+`ReferenceImplementation` in `reference.py` (reads like the paper) and usually an `Implementation` in `fast.py`.
+Every "why this cannot run" in the engine is a `not_supported_reasons(...) -> list[str]` (empty: it can).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from vitx_fast.models.timm_adapter import ViTAdapter
+from vitx_fast.engine.adapter import ViTAdapter
+from vitx_fast.engine.targets import resolve_targets
 
 
 @dataclass
 class MethodResult:
     """What an implementation returns.
 
-    maps: (B, h, w) for (B,) targets, (B, K, h, w) for (B, K) targets (multi-target methods only).
-    flow: optional (B, L, h, w) per-block maps (DAAM). targets: set when the method chose them itself (SSL DAAM).
+    maps: (B, h, w) for (B,) targets, (B, K, h, w) for (B, K) targets.
+    flow: optional (B, L, h, w) or (B, K, L, h, w) per-block maps (DAAM). targets: (B,) or (B, K) classes explained.
+    logits: (B, C) of the model (None for a headless model). extras: method-specific tensors.
     """
 
     maps: torch.Tensor
-    flow: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    flow: torch.Tensor | None = None
     extras: dict = field(default_factory=dict)
-    logits: torch.Tensor | None = None  # set by implementations that resolve their own targets
 
 
-Impl = Callable[..., MethodResult]
+class Implementation:
+    """One way to compute a method.
+
+    `__call__(adapter, images, resolve, opts, kernels=None) -> MethodResult`: images (B, C, H, W) already validated,
+    inside `adapter.session()`; `resolve(logits) -> targets` turns the model's logits into the (B,) or (B, K) classes
+    to explain, so one forward can serve both the prediction and the explanation. `kernels` is the kernel family for
+    the fused ops in OPS (None: each op chooses); it is passed down to every op call.
+    """
+
+    ALGORITHM: ClassVar[str] = "fast"  # "reference" | "fast"
+    OPS: ClassVar[tuple[str, ...]] = ()  # fused ops (vitx_fast.ops) this implementation calls
+    TRACEABLE: ClassVar[bool] = True  # one tensor program (no autograd at run time): torch.export / ONNX can hold it
+
+    def not_supported_reasons(self, adapter: ViTAdapter | None, opts: dict[str, Any], kernels: str | None = None,
+                              auto: bool = False) -> list[str]:
+        """Why this implementation cannot serve (adapter None: the reasons known without a model).
+        auto: also the reasons not to pick it automatically (a kernel family that does not beat torch)."""
+        reasons = []
+        if kernels is not None:
+            if not self.OPS:
+                reasons.append(f"the {self.ALGORITHM} path calls no fused op, so there is nothing to run with "
+                               f"{kernels} kernels")
+            elif auto and kernels == "cpp":
+                from vitx_fast.ops import cpp_defaults
+
+                slow = [op for op in self.OPS if not cpp_defaults()[op]]
+                reasons += [f"the C++ kernel of {op} does not beat torch (benchmarks/results/ops.md)" for op in slow]
+        return reasons
+
+    def __call__(self, adapter, images, resolve, opts, kernels=None) -> MethodResult:
+        raise NotImplementedError
+
+
+class ReferenceImplementation(Implementation):
+    """The plain PyTorch path. Subclasses write `explain_targets(adapter, images, targets, opts)` for (B,) targets
+    (or (B, K) when the method is multi_target); the prediction, the class-agnostic repeat and the per-column loop
+    are done here once for every method."""
+
+    ALGORITHM = "reference"
+    TRACEABLE = False
+
+    def __init__(self, method: Method | None = None):
+        self.method = method
+
+    def explain_targets(self, adapter, images, targets, opts) -> MethodResult:
+        raise NotImplementedError
+
+    def __call__(self, adapter, images, resolve, opts, kernels=None) -> MethodResult:
+        m = self.method
+        logits = adapter.logits(images)
+        targets = resolve(logits)
+        if targets.dim() == 2 and m.class_agnostic:
+            # the map depends on no class: compute once, repeat for the K requested targets
+            res = self.explain_targets(adapter, images, targets[:, 0], opts)
+            k = targets.shape[1]
+            res.maps = res.maps.unsqueeze(1).expand(-1, k, *res.maps.shape[1:]).contiguous()
+            if res.flow is not None:
+                res.flow = res.flow.unsqueeze(1).expand(-1, k, *res.flow.shape[1:]).contiguous()
+        elif targets.dim() == 2 and not m.multi_target:
+            # one pass per requested column; each column is an ordinary (B,) run
+            results = [self.explain_targets(adapter, images, targets[:, j], opts) for j in range(targets.shape[1])]
+            res = MethodResult(maps=torch.stack([r.maps for r in results], dim=1))
+            if results[0].flow is not None:
+                res.flow = torch.stack([r.flow for r in results], dim=1)
+            if results[0].extras:
+                res.extras = {"per_target": [r.extras for r in results]}
+        else:
+            res = self.explain_targets(adapter, images, targets, opts)
+        if res.targets is None:
+            res.targets = targets
+        res.logits = logits
+        return res
 
 
 class Method:
-    """One explanation method. Subclasses declare options and register implementations by backend name.
-
-    Implementations have the signature `impl(adapter, images, targets, opts) -> MethodResult` with images (B, C, H, W)
-    already validated, targets (B,) long (or (B, K) when `multi_target` is True), inside `adapter.session()`.
-    """
+    """One explanation method: declared options (checked), model refusals, implementations by algorithm."""
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
@@ -46,7 +120,14 @@ class Method:
     multi_target: ClassVar[bool] = False
 
     def __init__(self) -> None:
-        self.impls: dict[str, Impl] = {}
+        self.implementations: dict[str, Implementation] = self.make_implementations()
+        for impl in self.implementations.values():
+            if isinstance(impl, ReferenceImplementation):
+                impl.method = self
+
+    def make_implementations(self) -> dict[str, Implementation]:
+        """{"reference": ..., "fast": ...}: the method's implementations by ALGORITHM."""
+        raise NotImplementedError
 
     # -- options
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
@@ -81,35 +162,27 @@ class Method:
     def check_target(self, target, opts: dict[str, Any]) -> None:
         """Reject a `target` argument this method cannot honour (raise ValueError)."""
 
+    def resolver(self, target, batch: int):
+        """`resolve(logits) -> targets` for this method and a user's `target` (see engine.targets)."""
+
+        def resolve(logits):
+            return resolve_targets(target, logits, batch, method=self.name, multi_ok=self.multi_target,
+                                   class_agnostic=self.class_agnostic)
+
+        return resolve
+
     # -- model support
     def needs_head(self, opts: dict[str, Any]) -> bool:
         return not self.class_agnostic
 
-    def refusals(self, adapter: ViTAdapter, opts: dict[str, Any]) -> list[str]:
-        """Reasons this method cannot serve this model with these options (any backend)."""
+    def not_supported_reasons(self, adapter: ViTAdapter, opts: dict[str, Any]) -> list[str]:
+        """Why this method with these options cannot explain this model on any backend (empty: it can)."""
         reasons = []
         if self.needs_head(opts) and not adapter.has_head:
             reasons.append(f"{self.name} explains a class logit, but the model is headless (num_classes=0)")
         return reasons
 
-    def require_class_token(self, adapter: ViTAdapter) -> list[str]:
+    def requires_class_token(self, adapter: ViTAdapter) -> list[str]:
         if not adapter.has_class_token:
             return [f"{self.name} reads the class token's attention row, but the model has no class token"]
         return []
-
-    def register(self, backend: str, *, resolves_targets: bool = False,
-                 supports: Callable[..., list[str]] | None = None) -> Callable[[Impl], Impl]:
-        """Register `fn` as this method's implementation on `backend`.
-
-        resolves_targets: fn is called as fn(adapter, images, resolve, opts) with `resolve(logits) -> targets`, and
-        returns MethodResult(logits=...), so that one forward serves both the prediction and the explanation.
-        supports: `supports(adapter, opts) -> reasons` this implementation cannot serve (empty list: it can).
-        """
-
-        def deco(fn: Impl) -> Impl:
-            fn.resolves_targets = resolves_targets  # type: ignore[attr-defined]
-            fn.supports = supports  # type: ignore[attr-defined]
-            self.impls[backend] = fn
-            return fn
-
-        return deco

@@ -7,7 +7,7 @@ image size). Every metric reads softmax probabilities except ROAD accuracy, whic
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -102,9 +102,8 @@ def resolve_metric_targets(targets, probs: torch.Tensor, name: str) -> torch.Ten
     if targets is None:
         return probs.argmax(-1)
     t = torch.as_tensor(targets, device=probs.device)
-    if t.is_floating_point():
-        if not torch.equal(t, t.round()):
-            raise TypeError(f"{name}: targets must be class indices")
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise TypeError(f"{name}: targets must be class indices")
     t = t.long()
     if t.dim() == 0:
         t = t.expand(b).clone()

@@ -252,7 +252,7 @@ class NoisyLinearSolver:
         rz = _dot(r, z)
         zero = torch.zeros_like(rz)
         it = 0
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iter + 1):  # noqa: B007 - the count is returned
             ap = self._fine_apply(p)
             pap = _dot(p, ap)
             alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, torch.ones_like(pap)), zero)

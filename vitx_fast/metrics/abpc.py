@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from vitx_fast.metrics._common import (check_inputs, chunk_size, clean_probs, eval_mode, prepare_maps,
-                                       resolve_metric_targets, score_perturbed)
+from vitx_fast.metrics._common import (
+    check_inputs,
+    chunk_size,
+    clean_probs,
+    eval_mode,
+    prepare_maps,
+    resolve_metric_targets,
+    score_perturbed,
+)
 
 
 def abpc_keep_masks(maps01: torch.Tensor, steps: int = 11) -> torch.Tensor:

@@ -20,10 +20,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitx_fast.metrics._common import (check_inputs, chunk_size, clean_probs, eval_mode, prepare_maps,
-                                       resolve_metric_targets, resolve_norm, score_perturbed)
-from vitx_fast.metrics.adic import (CLEAN_SCORES, clean_reference, drop_increase, explanation_images,
-                                    explanation_maps)
+from vitx_fast.metrics._common import (
+    check_inputs,
+    chunk_size,
+    clean_probs,
+    eval_mode,
+    prepare_maps,
+    resolve_metric_targets,
+    resolve_norm,
+    score_perturbed,
+)
+from vitx_fast.metrics.adic import CLEAN_SCORES, clean_reference, drop_increase, explanation_images, explanation_maps
 from vitx_fast.postprocess import normalize
 
 CONVENTIONS = ("vitcam", "openvino")

@@ -18,8 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from vitx_fast.metrics._common import (check_inputs, chunk_size, clean_probs, eval_mode, prepare_maps,
-                                       resolve_metric_targets, resolve_norm, score_perturbed, to_normalised, to_pixel)
+from vitx_fast.metrics._common import (
+    check_inputs,
+    chunk_size,
+    clean_probs,
+    eval_mode,
+    prepare_maps,
+    resolve_metric_targets,
+    resolve_norm,
+    score_perturbed,
+    to_normalised,
+    to_pixel,
+)
 
 CONVENTIONS = ("ttame", "vitcam", "openvino")
 TTAME_KEEP = (100, 50, 15)

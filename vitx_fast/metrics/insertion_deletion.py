@@ -14,8 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vitx_fast.metrics._common import (check_inputs, chunk_size, clean_probs, eval_mode, prepare_maps,
-                                       resolve_metric_targets, resolve_norm, score_perturbed)
+from vitx_fast.metrics._common import (
+    check_inputs,
+    chunk_size,
+    clean_probs,
+    eval_mode,
+    prepare_maps,
+    resolve_metric_targets,
+    resolve_norm,
+    score_perturbed,
+)
 
 BASELINES = ("black", "mean", "blur")
 
@@ -23,7 +31,7 @@ BASELINES = ("black", "mean", "blur")
 def rise_blur_kernel(klen: int = 11, nsig: float = 5.0) -> torch.Tensor:
     """RISE's `gkern(klen, nsig)`: scipy.ndimage.gaussian_filter of a centred unit impulse on a klen x klen grid
     (mode "reflect", truncate 4). Returns (klen, klen) float64."""
-    from scipy.ndimage import gaussian_filter  # noqa: PLC0415 - only the blur baseline needs SciPy
+    from scipy.ndimage import gaussian_filter
 
     inp = torch.zeros(klen, klen, dtype=torch.float64).numpy()
     inp[klen // 2, klen // 2] = 1

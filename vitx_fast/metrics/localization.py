@@ -45,7 +45,7 @@ def component_boxes(binary: torch.Tensor):
     Components are labelled by scipy.ndimage.label (3 x 3 structure within each image, none across the batch) and
     boxed by scipy.ndimage.find_objects, both over the whole batch at once.
     """
-    from scipy import ndimage  # noqa: PLC0415 - SciPy is needed for localization only
+    from scipy import ndimage
 
     structure = np.zeros((3, 3, 3), dtype=bool)
     structure[1] = True  # 8-connectivity inside an image, none across the batch
@@ -135,7 +135,7 @@ def pointing_game(maps: torch.Tensor, gt_masks: torch.Tensor) -> dict:
     gt = gt_masks.to(maps.device).bool()
     m = maps if maps.is_floating_point() else maps.float()
     if tuple(m.shape[-2:]) != tuple(gt.shape[-2:]):
-        from vitx_fast.postprocess import upsample  # noqa: PLC0415
+        from vitx_fast.postprocess import upsample
 
         m = upsample(m, gt.shape[-2:], "bilinear")
     flat = m.flatten(1)

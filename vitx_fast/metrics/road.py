@@ -11,8 +11,17 @@ import math
 
 import torch
 
-from vitx_fast.metrics._common import (CPU_MAX_BATCH, DEFAULT_MEMORY_BUDGET, check_inputs, chunk_size, clean_probs,
-                                       eval_mode, prepare_maps, resolve_metric_targets, score_perturbed)
+from vitx_fast.metrics._common import (
+    CPU_MAX_BATCH,
+    DEFAULT_MEMORY_BUDGET,
+    check_inputs,
+    chunk_size,
+    clean_probs,
+    eval_mode,
+    prepare_maps,
+    resolve_metric_targets,
+    score_perturbed,
+)
 from vitx_fast.metrics._impute import noisy_linear_impute
 
 TTAME_PERCENTAGES = (10, 20, 30, 40, 50, 70, 90)
@@ -118,7 +127,8 @@ def road(model, images: torch.Tensor, maps: torch.Tensor, targets=None, percenta
                 imputed = noisy_linear_impute(images[src[s:e]], removed[s:e], noise=noise, generator=generator,
                                               tol=tol, max_iter=max_iter, preconditioner=preconditioner,
                                               batch_size=e - s)
-                pr, pd = score_perturbed(model, e - s, lambda i, j: imputed[i:j], tg[src[s:e]], chunk, argmax=True)
+                pr, pd = score_perturbed(model, e - s, lambda i, j, imputed=imputed: imputed[i:j], tg[src[s:e]], chunk,
+                                         argmax=True)
                 probs.append(pr)
                 preds.append(pd)
             prob = torch.cat(probs).reshape(npct, b).t()

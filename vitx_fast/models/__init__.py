@@ -1,14 +1,5 @@
-"""Model adapters (timm ViT) and, later, the bundled demo model."""
-from vitx_fast.models.timm_adapter import (
-    AttentionRecord,
-    BlockRecord,
-    ForwardRecord,
-    TokenLayout,
-    UnsupportedModelError,
-    ViTAdapter,
-)
-
-__all__ = ["AttentionRecord", "BlockRecord", "ForwardRecord", "TokenLayout", "UnsupportedModelError", "ViTAdapter"]
+"""The bundled demo model and model loading by name."""
+from vitx_fast.models.loading import ModelLoadError, load_model
 
 
 def load_demo_model(*args, **kwargs):
@@ -16,3 +7,6 @@ def load_demo_model(*args, **kwargs):
     from vitx_fast.models.demo import load_demo_model as _load
 
     return _load(*args, **kwargs)
+
+
+__all__ = ["ModelLoadError", "load_demo_model", "load_model"]

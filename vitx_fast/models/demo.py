@@ -14,7 +14,7 @@ CONFIG_FILE = os.path.join(WEIGHTS_DIR, "demo_vit.json")
 WEIGHTS_FILE = os.path.join(WEIGHTS_DIR, "demo_vit.safetensors")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config():
     if not os.path.isfile(CONFIG_FILE):
         raise FileNotFoundError(f"demo model config not found at {CONFIG_FILE}")

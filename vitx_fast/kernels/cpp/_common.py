@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from vitx_fast import _ext
-
-DTYPES = (torch.float32, torch.float64)
+from vitx_fast.engine.dispatch import CPP_DTYPES
 
 
 def native(op: str):
@@ -19,7 +18,7 @@ def native(op: str):
 def check_cpu_float(op: str, t: torch.Tensor) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"{op}: the C++ kernel runs on CPU tensors, got device {t.device}")
-    if t.dtype not in DTYPES:
+    if t.dtype not in CPP_DTYPES:
         raise ValueError(f"{op}: the C++ kernel supports float32 and float64, got {t.dtype}")
 
 

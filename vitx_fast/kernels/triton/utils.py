@@ -1,19 +1,13 @@
 """Launch settings and dtype helpers shared by the Triton launchers."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from vitx_fast.engine.dispatch import KERNEL_FAMILIES
+
 MAX_BLOCK = 2**14  # elements of the largest tile a program holds in registers
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1, tests and debugging)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def calculate_settings(n: int) -> int:
@@ -36,8 +30,7 @@ def acc_dtype(dtype: torch.dtype):
 
 
 def check_device(op: str, t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not (t.device.type == "cpu" and interpreting()):
-        raise ValueError(f"{op}: the Triton kernel needs CUDA tensors (CPU only under TRITON_INTERPRET=1), "
-                         f"got device {t.device}")
-    if t.dtype not in DTYPES:
-        raise ValueError(f"{op}: the Triton kernel supports {', '.join(str(d) for d in DTYPES)}, got {t.dtype}")
+    """Device and dtype as the triton kernel family declares them (CPU tensors only under TRITON_INTERPRET=1)."""
+    reasons = KERNEL_FAMILIES["triton"].not_supported_reasons(t)
+    if reasons:
+        raise ValueError(f"{op}: " + "; ".join(reasons))
