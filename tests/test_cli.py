@@ -39,34 +39,37 @@ def run(argv, capsys):
     return code, cap.out, cap.err
 
 
-def test_explain_two_images(checkpoint, images, tmp_path, capsys):
+def test_explain_two_images_into_a_store(checkpoint, images, tmp_path, capsys):
+    import vitx_fast as vx
+
     out = tmp_path / "out"
     code, stdout, err = run(["explain", images / "a.png", images / "b.jpg", "--model", "test_vit", "--checkpoint",
                              checkpoint, "--method", "rollout", "gae", "--out", out, "--quiet"], capsys)
     assert code == 0, err
-    for stem in ("a", "b"):
-        for suffix in ("_rollout.png", "_gae.png", "_grid.png", ".npz"):
-            assert (out / f"{stem}{suffix}").is_file(), f"{stem}{suffix}"
-        z = np.load(out / f"{stem}.npz")
-        assert z["rollout"].shape == (10, 10) and z["gae"].shape == (10, 10) and z["logits"].shape == (5,)
-        assert np.ptp(z["gae"]) > 0
-    assert not list(out.glob("*.tmp*"))
-    # resumable: a second run keeps finished outputs untouched
-    before = (out / "a.npz").stat().st_mtime_ns
-    code, _, _ = run(["explain", images, "--model", "test_vit", "--checkpoint", checkpoint, "--method", "rollout",
-                      "--out", out, "--quiet"], capsys)
-    assert code == 0 and (out / "a.npz").stat().st_mtime_ns == before
+    assert "explained 2, skipped 0 (already done), failed 0 of 2" in stdout
+    df = vx.read_results(out)
+    assert sorted(df["image"]) == ["a.png", "a.png", "b.jpg", "b.jpg"]
+    assert all(m.shape == (10, 10) for m in df["map"]) and np.ptp(df[df["method"] == "gae"]["map"].iloc[0]) > 0
+    assert df["model_id"].str.startswith("test_vit@").all() and not list(out.rglob(".tmp*"))
+    # resumable: a second run writes nothing and says so
+    shards = sorted((out / "results").iterdir())
+    code, stdout, _ = run(["explain", images, "--model", "test_vit", "--checkpoint", checkpoint, "--method", "rollout",
+                           "--out", out, "--quiet"], capsys)
+    assert code == 0 and "skipped 2 (already done)" in stdout and sorted((out / "results").iterdir()) == shards
 
 
 def test_folder_with_corrupt_file(checkpoint, images, tmp_path, capsys):
+    import vitx_fast as vx
+
     (images / "broken.png").write_bytes(b"not a png at all")
     out = tmp_path / "out"
     code, stdout, err = run(["explain", images, "--model", "test_vit", "--checkpoint", checkpoint, "--method",
                              "rollout", "--out", out, "--quiet"], capsys)
-    assert code == 0
-    assert "broken.png" in err and "unreadable image" in err
-    assert (out / "a.npz").is_file() and (out / "b.npz").is_file() and not (out / "broken.npz").exists()
-    assert "explained 2 of 3" in stdout
+    assert code == 1  # an image failed
+    assert "failed broken.png: broken.png: not an image" in err
+    assert sorted(vx.read_results(out)["image"]) == ["a.png", "b.jpg"]
+    assert vx.read_errors(out)["image"].tolist() == ["broken.png"]
+    assert "explained 2, skipped 0 (already done), failed 1 of 3" in stdout
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -88,7 +91,7 @@ def test_unwritable_output(checkpoint, images, tmp_path, capsys):
     blocker.write_text("x")
     code, _, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint,
                         "--out", blocker / "sub"], capsys)
-    assert code == 2 and "cannot write to output folder" in err
+    assert code == 2 and "cannot write to result store" in err and len(err.strip().splitlines()) == 1
 
 
 def test_info_lists_methods_and_backends(capsys):
@@ -98,7 +101,7 @@ def test_info_lists_methods_and_backends(capsys):
         assert word in out
 
 
-@pytest.mark.skipif(shutil.which("vitx") is None and not (sys.prefix and shutil.which("vitx", path=sys.prefix + "/bin")),
+@pytest.mark.skipif(shutil.which("vitx") is None and not shutil.which("vitx", path=sys.prefix + "/bin"),
                     reason="console script not installed")
 def test_console_script():
     exe = shutil.which("vitx") or shutil.which("vitx", path=sys.prefix + "/bin")
@@ -110,15 +113,15 @@ def test_target_out_of_range_is_one_line_error(checkpoint, images, tmp_path, cap
     code, _, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint, "--target",
                         "3,999", "--out", tmp_path / "o"], capsys)
     assert code == 2 and "class index 999 out of range" in err and "Traceback" not in err
-    assert not list((tmp_path / "o").glob("*.npz"))
+    assert not list((tmp_path / "o").rglob("part-*"))
 
 
 def test_missing_path_reported_rest_explained(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run(["explain", images / "a.png", tmp_path / "nope.png", "--model", "test_vit",
                              "--checkpoint", checkpoint, "--method", "rollout", "--out", out, "--quiet"], capsys)
-    assert code == 0 and "nope.png: no such file or folder" in err
-    assert (out / "a.npz").is_file() and "explained 1 of 2" in stdout
+    assert code == 1 and "nope.png: no such file or folder" in err
+    assert "explained 1, skipped 0 (already done), failed 1 of 2" in stdout
 
 
 def test_image_where_every_method_refuses_is_not_marked_done(checkpoint, images, tmp_path, capsys, monkeypatch):
@@ -127,9 +130,14 @@ def test_image_where_every_method_refuses_is_not_marked_done(checkpoint, images,
     def refuse(*a, **k):
         raise ValueError("refused for the test")
 
+    real = vx.explain
     monkeypatch.setattr(vx, "explain", refuse)
     out = tmp_path / "out"
-    code, stdout, err = run(["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint,
-                             "--method", "rollout", "--out", out, "--quiet"], capsys)
-    assert code == 1 and "refused for the test" in err and "explained 0 of 1" in stdout
-    assert not (out / "a.npz").exists()  # a resumed run retries it
+    argv = ["explain", images / "a.png", "--model", "test_vit", "--checkpoint", checkpoint, "--method", "rollout",
+            "--out", out, "--quiet"]
+    code, stdout, err = run(argv, capsys)
+    assert code == 1 and "refused for the test" in err and "explained 0, skipped 0 (already done), failed 1" in stdout
+    assert len(vx.read_results(out)) == 0
+    monkeypatch.setattr(vx, "explain", real)
+    code, stdout, _ = run(argv, capsys)  # a resumed run retries it
+    assert code == 0 and "explained 1, skipped 0" in stdout
