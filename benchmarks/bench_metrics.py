@@ -4,7 +4,7 @@ checked for agreement before it is timed). Writes benchmarks/results/metrics.{cs
     nice python benchmarks/bench_metrics.py                 # timm vit_tiny_patch16_224 (random weights), batch 8
     nice python benchmarks/bench_metrics.py --quick         # batch 2, one repetition
 
-Pairs (peer = the reference code the spec names, or Quantus):
+Pairs (peer = the reference code the metric follows, or Quantus):
   road_ttame        T-TAME's ROAD (MoRF + LeRF at 10, 20, 30, 40, 50, 70, 90 %), same seeded noise:
                     ours `road` vs pytorch-grad-cam ROADMostRelevantFirst / ROADLeastRelevantFirst (SciPy spsolve)
   road_imputation   the 14 x B imputations only: ours `noisy_linear_impute` vs pytorch-grad-cam NoisyLinearImputer and

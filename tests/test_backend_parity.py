@@ -4,10 +4,20 @@ import itertools
 
 import pytest
 import torch
-from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+from utils import (
+    AUTO_FAST_BACKEND,
+    LAYOUTS,
+    NATIVE_MARKS,
+    assert_maps_close,
+    assert_structured,
+    backend_params,
+    explain_on,
+    make_images,
+    make_vit,
+)
 
 import vitx_fast as vx
-from vitx_fast.engine.backends import ExplainRequest
+from vitx_fast import _ext
 
 CASES = [
     ("rollout", {}),
@@ -34,47 +44,50 @@ def _id(case):
     return method + ("-" + "-".join(f"{k}={v}" for k, v in kw.items()) if kw else "")
 
 
-def fast_backends(method):
-    """Every non-reference backend with an implementation of `method` that is available on this machine."""
-    out = []
-    for name in vx.list_backends():
-        be = vx.get_backend(name)
-        if name != "reference" and not be.not_supported_reasons(ExplainRequest(vx.get_method(method), None, {})):
-            out.append(name)
-    return out
+_REFERENCE: dict = {}  # (layout, case id) -> reference run, shared by the backend params of one case in a worker
 
 
+def _reference(layout, case):
+    """(model, x, target, ref): the float64 reference run of one case, computed once per worker (ref is the
+    UnsupportedModelError when the method cannot explain the layout)."""
+    key = (layout, _id(case))
+    if key not in _REFERENCE:
+        method, kw = case
+        model = make_vit(layout)
+        batch = 3 if layout in ("plain", "registers", "distilled") else 1
+        x = make_images(model, batch)
+        target = None if kw.get("mode") == "ssl" else torch.randint(0, model.num_classes, (batch, 2))
+        try:
+            ref = vx.explain(model, x, method=method, target=target, backend="reference", **kw)
+        except vx.UnsupportedModelError as exc:
+            ref = exc
+        _REFERENCE[key] = (model, x, target, ref)
+    return _REFERENCE[key]
+
+
+@pytest.mark.parametrize("backend", backend_params(exclude=("reference",)))
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_fast_backends_equal_reference_float64(layout, case):
+def test_fast_backends_equal_reference_float64(layout, case, backend):
+    """Each fast backend equals the reference; fused serves every case, cpp / triton skip the ones they declare they
+    cannot serve."""
     method, kw = case
-    model = make_vit(layout)
-    batch = 3 if layout in ("plain", "registers", "distilled") else 1
-    x = make_images(model, batch)
-    target = None if kw.get("mode") == "ssl" else torch.randint(0, model.num_classes, (batch, 2))
-    try:
-        ref = vx.explain(model, x, method=method, target=target, backend="reference", **kw)
-    except vx.UnsupportedModelError:
+    model, x, target, ref = _reference(layout, case)
+    if isinstance(ref, vx.UnsupportedModelError):
+        with pytest.raises(vx.UnsupportedModelError):
+            vx.explain(model, x, method=method, target=target, backend=backend, **kw)
         with pytest.raises(vx.UnsupportedModelError):
             vx.explain(model, x, method=method, target=target, **kw)
         return
     assert_structured(ref.maps.reshape(-1, *ref.maps.shape[-2:]))
-    default = vx.explain(model, x, method=method, target=target, **kw)
-    assert default.backend != "reference"
-    ran = 0
-    for backend in fast_backends(method):
-        try:
-            fast = vx.explain(model, x, method=method, target=target, backend=backend, **kw)
-        except ValueError as exc:  # the backend declared it cannot serve this layout/option
-            assert "cannot run" in str(exc)
-            continue
-        ran += 1
-        assert fast.backend == backend
-        assert torch.equal(fast.targets, ref.targets)
-        assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
-        if ref.flow is not None:
-            assert_maps_close(fast.flow, ref.flow, TOL[torch.float64])
-    assert ran >= 1
+    if backend == "fused":
+        default = vx.explain(model, x, method=method, target=target, **kw)
+        assert default.backend != "reference"
+    fast = explain_on(backend, model, x, method, must_serve=("fused",), target=target, **kw)
+    assert torch.equal(fast.targets, ref.targets)
+    assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
+    if ref.flow is not None:
+        assert_maps_close(fast.flow, ref.flow, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("method", ["rollout", "gae", "lrp", "reciprocam", "agcam", "daam"])
@@ -111,7 +124,7 @@ def test_reciprocam_all_classes_one_pass():
     model = make_vit("nonsquare")
     x = make_images(model, 2)
     allc = vx.explain(model, x, method="reciprocam", target="all")
-    assert allc.backend == "cpp" and allc.maps.shape == (2, model.num_classes, 3, 5)
+    assert allc.backend == AUTO_FAST_BACKEND and allc.maps.shape == (2, model.num_classes, 3, 5)
     ref = vx.explain(model, x, method="reciprocam", target="all", backend="reference")
     assert_maps_close(allc.maps, ref.maps, 1e-9)
 
@@ -142,15 +155,26 @@ def test_autograd_fallback_for_modules_without_explicit_vjp(method):
     assert_maps_close(fast.maps, ref.maps, TOL[torch.float64])
 
 
-def test_default_dispatch_order():
-    """backend=None picks the fastest that can serve: cpp where its kernels beat torch, else fused."""
+@pytest.mark.parametrize("native", [pytest.param(True, id="native", marks=NATIVE_MARKS),
+                                    pytest.param(False, id="no-native")])
+def test_default_dispatch_order(native, monkeypatch):
+    """backend=None picks the fastest that can serve: cpp where its kernels beat torch (and the native module loaded),
+    else fused. "no-native" simulates a machine without vitx_fast._C."""
+    if not native:
+        monkeypatch.setattr(_ext, "_C", None)
+        monkeypatch.setattr(_ext, "_IMPORT_ERROR", "ImportError: simulated")
+    fast = "cpp" if native else "fused"
     model = make_vit("plain", dtype=torch.float32)
     x = make_images(model, 1).float()
-    expect = {"reciprocam": "cpp", "daam": "cpp", "agcam": "fused", "gae": "fused", "lrp": "fused", "rollout": "fused",
-              "grad_rollout": "reference"}
+    expect = {"reciprocam": fast, "daam": fast, "agcam": "fused", "gae": "fused", "lrp": "fused", "rollout": "fused",
+              "grad_rollout": "fused"}
     for method, backend in expect.items():
         assert vx.explain(model, x, method=method).backend == backend, method
-    assert vx.explain(model, x, method="agcam", backend="cpp").backend == "cpp"  # runs when asked for
+    if native:
+        assert vx.explain(model, x, method="agcam", backend="cpp").backend == "cpp"  # runs when asked for
+    else:
+        with pytest.raises(ValueError, match="native module vitx_fast._C is not available .*simulated"):
+            vx.explain(model, x, method="agcam", backend="cpp")
     qk = make_vit("qknorm", dtype=torch.float32)
     assert vx.explain(qk, x, method="reciprocam").backend == "fused"
     with pytest.raises(ValueError, match="qk_norm"):

@@ -1,4 +1,5 @@
-"""`vitx evaluate` / vitx_fast.evaluate: rows per method, the random-weights baseline, refusals skipped, files written."""
+"""`vitx evaluate` / vitx_fast.evaluate: rows per method, the random-weights baseline, refusals skipped, files
+written."""
 import copy
 import csv
 
@@ -41,7 +42,7 @@ def test_two_object_rows():
 
 def test_cli_writes_table(tmp_path, capsys):
     out = tmp_path / "ev"
-    assert main(["evaluate", "--n", "4", "--methods", "rollout", "tame", "--objects", "1", "--metrics",
+    assert main(["evaluate", "--n", "4", "--method", "rollout", "tame", "--objects", "1", "--metrics",
                  "localization", "adic", "--random-baseline", "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "| trained |" in text and "| random weights |" in text

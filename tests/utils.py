@@ -1,10 +1,16 @@
-"""Tiny timm ViTs with re-drawn weights (peaked attention, structured maps) for tests."""
+"""Tiny timm ViTs with re-drawn weights (peaked attention, structured maps) for tests, map comparisons, and the
+backend parametrisation (`backend_params`, `explain_on`) shared by every test that runs each backend."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
+import pytest
 import torch
 import torch.nn as nn
+
+from vitx_fast import _ext
 
 # name -> VisionTransformer kwargs on top of BASE. Each layout exercises one thing the adapter reads from the model.
 BASE = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, mlp_ratio=2.0, num_classes=7)
@@ -93,23 +99,52 @@ def extra_model_and_images(base: str, kw: dict, size, batch: int):
     return model, images_at(model, batch, size)
 
 
-def explain_every_backend(model: nn.Module, x: torch.Tensor, method: str, **kw):
-    """Yield (backend, explanation) for every backend of `method` that can run here with these options: reference
-    always; fused / cpp / triton where they declare they can serve the layout, device and options."""
+# ---------------------------------------------------------------------------------------------- backends
+# What this machine can run, decided here independently of the engine's own declarations (so a backend that wrongly
+# declares itself unavailable is not silently skipped): the native module for cpp; triton importable, and
+# TRITON_INTERPRET set (tests/conftest.py sets it without CUDA) because the tests run on CPU tensors.
+NATIVE = _ext.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+NATIVE_MARKS = [pytest.mark.native,
+                pytest.mark.skipif(not NATIVE, reason=f"native module vitx_fast._C not built: {_ext.import_error()}")]
+TRITON_MARKS = [pytest.mark.triton, pytest.mark.skipif(not (HAS_TRITON and TRITON_INTERPRET),
+                                                       reason="needs triton, and TRITON_INTERPRET=1 for CPU tensors")]
+# the backend `backend=None` picks for a method whose fused ops have a C++ kernel that beats torch (reciprocam, daam)
+AUTO_FAST_BACKEND = "cpp" if NATIVE else "fused"
+
+
+def family_marks(name: str) -> list:
+    """Marks of a backend or kernel family: cpp needs the native module, triton the interpreter; others none."""
+    return {"cpp": NATIVE_MARKS, "triton": TRITON_MARKS}.get(name, [])
+
+
+def backend_params(names=None, exclude=()) -> list:
+    """One pytest param per backend (default: every name of `vx.list_backends()`), id = the backend's name, with a
+    skip mark when this machine cannot run it."""
     import vitx_fast as vx
 
-    from vitx_fast.engine.backends import ExplainRequest
+    names = vx.list_backends() if names is None else names
+    return [pytest.param(n, id=n, marks=family_marks(n)) for n in names if n not in exclude]
 
-    for name in vx.list_backends():
-        if vx.get_backend(name).not_supported_reasons(ExplainRequest(vx.get_method(method), None, {})):
-            continue
-        try:
-            exp = vx.explain(model, x, method=method, backend=name, **kw)
-        except ValueError as exc:
-            if "cannot run" not in str(exc):
-                raise
-            continue
-        yield name, exp
+
+def explain_on(backend: str, model: nn.Module, x: torch.Tensor, method: str, must_serve=(), **kw):
+    """`vx.explain(model, x, method=method, backend=backend, **kw)`, checking that the named backend ran.
+
+    When the backend declares that it cannot serve this model, layout or option set (the ValueError "backend
+    '<name>' cannot run ...", which lists its reasons), the test is skipped with that declared reason: a visible skip.
+    For a backend in `must_serve` a refusal fails the test instead.
+    """
+    import vitx_fast as vx
+
+    try:
+        exp = vx.explain(model, x, method=method, backend=backend, **kw)
+    except ValueError as exc:
+        if f"backend {backend!r} cannot run" not in str(exc) or backend in must_serve:
+            raise
+        pytest.skip(str(exc))
+    assert exp.backend == backend, (exp.backend, backend)
+    return exp
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,12 @@ for both `explain` and `vitx_fast.export.ExplainerModule`, so the two refuse the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from vitx_fast.engine import chunks, memory
 from vitx_fast.engine.adapter import UnsupportedModelError, ViTAdapter
 from vitx_fast.engine.backends import Backend, select_backend
 from vitx_fast.explanation import Explanation
@@ -26,11 +28,38 @@ class Plan:
     backend: Backend
     impl: Implementation
 
-    def run(self, images: torch.Tensor, resolve) -> Explanation:
-        """images: (B, C, H, W) on the model's device and dtype; resolve(logits) -> targets (B,) or (B, K)."""
-        res = self.impl(self.adapter, images, resolve, self.opts, kernels=self.backend.KERNELS)
+    def run(self, images: torch.Tensor, resolve, memory_plan=None) -> Explanation:
+        """images: (B, C, H, W) on the model's device and dtype; resolve(logits) -> targets (B,) or (B, K);
+        memory_plan: the engine.memory.MemoryPlan the batch fits (None: the implementation's fastest mode)."""
+        opts = self.opts if memory_plan is None else {**self.opts, "memory_plan": memory_plan}
+        res = self.impl(self.adapter, images, resolve, opts, kernels=self.backend.KERNELS)
         return Explanation(maps=res.maps, targets=res.targets, logits=res.logits, method=self.method.name,
                            backend=self.backend.NAME, flow=res.flow, options=self.opts, extras=res.extras)
+
+    def run_budgeted(self, images: torch.Tensor, target) -> Explanation:
+        """`explain`'s run: the batch in chunks of images that fit the `memory_budget` option
+        (vitx_fast.engine.memory); extras["memory"] reports the mode and the chunks."""
+        a, m, B = self.adapter, self.method, images.shape[0]
+        T = a.num_prefix_tokens + math.prod(a.grid_for(*images.shape[-2:]))
+        k = chunks.targets_per_image(target, a.num_classes, m.class_agnostic)
+        budget = memory.resolve_budget(self.opts.get("memory_budget"), a, B, T)
+        plan = memory.choose(self.impl.memory_modes(a, T, self.opts, k), B, budget)
+        if plan.chunk >= B:
+            exp = self.run(images, m.resolver(target, B), plan)
+        else:
+            if chunks.per_image_target(target):  # checked once for the whole batch, then sliced per chunk
+                target = m.resolver(target, B)(torch.zeros(B, a.num_classes, device=images.device)
+                                               if a.has_head else None)
+            spans = chunks.spans(B, plan.chunk)
+            parts = [self.run(images[s:e], m.resolver(target[s:e] if chunks.per_image_target(target) else target,
+                                                      e - s), plan) for s, e in spans]
+            sizes = [e - s for s, e in spans]
+            exp = parts[0]
+            for name in ("maps", "targets", "logits", "flow", "extras"):
+                value = getattr(exp, name)
+                setattr(exp, name, None if value is None else chunks.concat([getattr(p, name) for p in parts], sizes))
+        exp.extras["memory"] = plan.report(B)
+        return exp
 
 
 def prepare(model, method: str, options: dict, target=None, backend: str | None = None) -> Plan:
@@ -64,10 +93,12 @@ def explain(model, images: torch.Tensor, method: str = "reciprocam", target=None
     model: a timm VisionTransformer (any token layout). It is not modified; eval mode is used during the call.
     images: (B, 3, H, W) float tensor, normalised as the model expects.
     method: one of `list_methods()`. target: None (top-1), int, list, (B,) or (B, K) tensor, or "all".
-    backend: None (fastest that can serve), or a name from `list_backends()`. options: the method's options.
+    backend: None (fastest that can serve), or a name from `list_backends()`. options: the method's options, and
+    `memory_budget` (every method: bytes of working memory, a size such as "2GB", or "unlimited"; default about one
+    plain forward plus 512 MiB): the batch runs in chunks that fit it (vitx_fast.engine.memory).
     Returns an Explanation with maps (B, h, w) or (B, K, h, w) at the method's native scale.
     """
     plan = prepare(model, method, options, target, backend)
     images = plan.adapter.check_images(images)
     with plan.adapter.session():
-        return plan.run(images, plan.method.resolver(target, images.shape[0]))
+        return plan.run_budgeted(images, target)

@@ -1,6 +1,6 @@
 """`vitx evaluate`: every method on every metric, on the bundled benchmark or an ImageNet-style folder with VOC boxes.
 
-Protocols (specs/metrics.md): localization explains the predicted class and keeps correctly classified images (AGCAM);
+Protocols (docs/metrics.md): localization explains the predicted class and keeps correctly classified images (AGCAM);
 ABPC explains the ground-truth label on all images (AGCAM); AD/IC at 100/50/15 % and ROAD explain the top-1 (T-TAME);
 insertion/deletion explain the top-1. Two-object scenes measure class sensitivity: each digit's class is explained and
 scored against its own mask (pointing game and IoU "own") and against the other digit's mask ("other").
@@ -8,9 +8,9 @@ scored against its own mask (pointing game and IoU "own") and against the other 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 METRICS = ("localization", "abpc", "adic", "road", "insertion_deletion")
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,7 +78,7 @@ def evaluate(model, data: EvalData, methods, metrics=METRICS, batch_size: int = 
     for method in methods:
         reasons = not_supported_reasons(model, method)
         if reasons:  # a method that refuses this model (e.g. T-TAME on other weights than its backbone's) is skipped
-            print(f"skipping {method} for {label}: {'; '.join(reasons)}", file=sys.stderr)
+            log.warning("skipping %s for %s: %s", method, label, "; ".join(reasons))
             bar.update(steps)
             continue
         acc: dict[str, list] = {}

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from vitx_fast.engine import vjp
 from vitx_fast.engine.adapter import UnsupportedModelError, ViTAdapter
+from vitx_fast.engine.targets import top_k
 from vitx_fast.methods.registry import get_method, list_methods
 from vitx_fast.postprocess import UPSAMPLE_MODES
 
@@ -33,7 +34,7 @@ from vitx_fast.postprocess import UPSAMPLE_MODES
 # range goes through ONNX's version converter, which silently keeps the old opset when an op has no adapter
 MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 20
 # methods whose graph holds a backward: every module on the path needs an explicit VJP
-GRADIENT_METHODS = ("agcam", "daam", "gae", "lrp")
+GRADIENT_METHODS = ("agcam", "daam", "gae", "grad_rollout", "lrp")
 FLOW_METHODS = ("daam",)
 PROTOBUF_LIMIT = 2 * 2**30  # one ONNX file (no external data) holds at most 2 GiB
 TARGETS = (None, "top1", "all", "input")
@@ -99,13 +100,32 @@ def _check_opset(opset) -> int:
     return opset
 
 
-def _explainer_target(method, target, class_input: bool):
-    """export target -> ExplainerModule target (None, 'all' or 'input'), with the method-level refusals."""
-    if not (target is None or isinstance(target, str)) or target not in TARGETS:
-        raise ValueError(f"target must be None / 'top1' (the predicted class), 'all' (every class, one map each) or "
-                         f"'input' (a class-index input); got {target!r}. For given classes use class_input=True")
+def _explainer_target(method, target, class_input: bool, targets_per_image=None):
+    """export target -> ExplainerModule target (None, 'all', 'topK', a class list or 'input'), with the method-level
+    refusals."""
+    fixed = isinstance(target, (list, tuple))
+    if fixed and (not target or not all(isinstance(c, int) and not isinstance(c, bool) for c in target)):
+        raise ValueError(f"a class list target must be a non-empty list of class indices, got {target!r}")
+    if not fixed and not (target is None or isinstance(target, str) and (target in TARGETS or top_k(target))):
+        raise ValueError(f"target must be None / 'top1' (the predicted class), 'all' (every class, one map each), "
+                         f"'topK' (the K best classes, e.g. 'top5'), a list of class indices or 'input' (a "
+                         f"class-index input); got {target!r}. For given classes use class_input=True")
+    if targets_per_image is not None:
+        if isinstance(targets_per_image, bool) or not isinstance(targets_per_image, int) or targets_per_image < 1:
+            raise ValueError(f"targets_per_image must be an int >= 1 (the K columns of a (batch, K) classes input), "
+                             f"got {targets_per_image!r}")
+        if not class_input and target != "input":
+            raise ValueError("targets_per_image sets the shape (batch, K) of the classes input: it needs "
+                             "class_input=True")
     if target == "top1":
         target = None
+    if fixed or top_k(target):
+        if class_input:
+            raise ValueError(f"class_input=True feeds the classes to explain; it cannot be combined with "
+                             f"target={target!r}")
+        if method.class_agnostic:
+            raise ValueError(f"{method.name}: the map depends on no class, so a class list would be unused")
+        return list(target) if fixed else target
     if class_input:
         if target not in (None, "input"):
             raise ValueError(f"class_input=True feeds the classes to explain; it cannot be combined with "
@@ -121,13 +141,13 @@ def _explainer_target(method, target, class_input: bool):
 
 
 def validate(model, method: str, target=None, *, class_input=False, upsample=False, flow=False, opset=None,
-             dynamic_batch=True, batch_size=1, options=None):
+             dynamic_batch=True, batch_size=1, options=None, targets_per_image=None):
     """All checks of `export_onnx` that need no tracing; raises with the reason. Returns (method, target, opset)."""
     _require_onnx()
     m = check_method(method)
     opts = m.resolve_options(dict(options or {}))
     opset = _check_opset(opset)
-    target = _explainer_target(m, target, bool(class_input))
+    target = _explainer_target(m, target, bool(class_input), targets_per_image)
     if method == "rollout" and dynamic_batch and opts["discard_ratio"] > 0:
         raise ValueError("rollout with discard_ratio > 0 discards per image in a Python loop (vit-explain's per-image "
                          "top-k), so its program depends on the batch size: export it with dynamic_batch=False and "
@@ -254,14 +274,19 @@ def _write_atomic(proto, f, tmp: str, path: Path) -> None:
 
 
 def export_onnx(model: nn.Module, path, method: str = "reciprocam", target=None, *, class_input: bool = False,
-                upsample: bool | str = False, normalize: bool = False, flow: bool = False, opset: int | None = None,
-                dynamic_batch: bool = True, batch_size: int = 1, metadata: dict | None = None, **options) -> Path:
+                targets_per_image: int | None = None, upsample: bool | str = False, normalize: bool = False,
+                flow: bool = False, opset: int | None = None, dynamic_batch: bool = True, batch_size: int = 1,
+                metadata: dict | None = None, **options) -> Path:
     """Write one ONNX graph computing the model's logits and the method's maps; returns the path written.
 
     model: a timm VisionTransformer (float32, fixed input size H x W); its modes are restored afterwards.
     method: one of `exportable_methods()`; options: the method's options (as `vx.explain`).
     target: None / "top1" (the predicted class), "all" (every class: maps (batch, C, h, w); reciprocam, tame) or
-        "input" (= class_input=True: a second input `classes` (batch,) int64 chooses the class of each image).
+        "input" (= class_input=True: a second input `classes` (batch,) int64 chooses the class of each image),
+        "topK" (the K best classes per image, e.g. "top5": maps (batch, K, h, w)) or a list of K class indices
+        (the same classes for every image: maps (batch, K, h, w)). Gradient methods serve the K classes of an
+        image with one batched backward inside the graph.
+    targets_per_image: with class_input, K: the input is `classes` (batch, K) int64 and maps (batch, K, h, w).
     upsample: False, True (bilinear) or a `vx.upsample` mode: maps resized to (H, W) inside the graph.
     normalize: per-map min-max (`vx.normalize`) inside the graph, after the upsampling.
     flow: also output `flow` (batch, L, h, w), DAAM's per-block maps (same epilogue).
@@ -276,7 +301,8 @@ def export_onnx(model: nn.Module, path, method: str = "reciprocam", target=None,
 
     path = _check_path(path)
     _, tgt, opset = validate(model, method, target, class_input=class_input, upsample=upsample, flow=flow,
-                             opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size, options=options)
+                             opset=opset, dynamic_batch=dynamic_batch, batch_size=batch_size, options=options,
+                             targets_per_image=targets_per_image)
     module = ExplainerModule(model, method, target=tgt, upsample=upsample or False, normalize=normalize, flow=flow,
                              **options)
     adapter = module.adapter
@@ -288,7 +314,10 @@ def export_onnx(model: nn.Module, path, method: str = "reciprocam", target=None,
     images = torch.randn(B, adapter.in_chans, H, W, generator=g).to(device=p.device, dtype=p.dtype)
     args, input_names = (images,), ["images"]
     if tgt == "input":
-        args += (torch.arange(B, device=p.device) % adapter.num_classes,)
+        classes = torch.arange(B, device=p.device) % adapter.num_classes
+        if targets_per_image is not None:  # (B, K): K distinct classes per image where the model has them
+            classes = (classes[:, None] + torch.arange(targets_per_image, device=p.device)) % adapter.num_classes
+        args += (classes,)
         input_names.append("classes")
     output_names = ["logits", "maps"] + (["flow"] if flow else [])
 
@@ -335,7 +364,8 @@ def _stamp(proto, module, method, tgt, normalize, flow, metadata) -> None:
     adapter = module.adapter
     H, W = adapter.img_size
     meta = {
-        "vitx_fast.version": __version__, "method": method, "target": tgt or "top1",
+        "vitx_fast.version": __version__, "method": method,
+        "target": json.dumps(tgt) if isinstance(tgt, list) else (tgt or "top1"),
         "options": json.dumps({k: _json_safe(v) for k, v in module.opts.items()}, sort_keys=True),
         "upsample": str(module.upsample_mode or ""), "normalize": str(bool(normalize)), "flow": str(bool(flow)),
         "input_size": f"{H}x{W}", "grid": "x".join(map(str, adapter.grid_for(H, W))),

@@ -3,7 +3,7 @@
 
 namespace vitx {
 
-// ReciproCAM's collapsed attention of one pooled query row per variant (specs/reciprocam.md §6, steps 3-5):
+// ReciproCAM's collapsed attention of one pooled query row per variant (docs/methods/reciprocam.md §5.1):
 //   s_a = m_a <q, pk[idx_a]> + <q, bk>  (valid a),   s_z = <q, bk> + log_nz,   p = softmax(s_1..s_A, s_z)
 //   ctx = sum_a p_a (m_a pv[idx_a] + bv) + p_z bv
 // q: (B, N, H, d), pk/pv: (B, T, H, d), idx/m/valid: (N, A), log_nz: (N,), bk/bv: (H, d), out: (B, N, H, d);

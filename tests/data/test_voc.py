@@ -36,7 +36,7 @@ def test_ilsvrc_layout_boxes_scaled_to_resized_images(tmp_path):
     d = load_image_folder(img_root, annotations=ann, size=32)
     assert d.classes == ["n01", "n02"] and d.images.shape == (3, 3, 32, 32)
     assert d.labels.tolist() == [0, 0, 1]
-    for i, (cls, stem, (w, h), objs) in enumerate(spec):
+    for i, (_cls, _stem, (w, h), objs) in enumerate(spec):
         assert d.sizes[i].tolist() == [w, h]
         exp = np.array([[b[0] - 1, b[1] - 1, b[2], b[3]] for _, b in objs], float)
         np.testing.assert_allclose(d.boxes_original[i], exp)
@@ -45,7 +45,7 @@ def test_ilsvrc_layout_boxes_scaled_to_resized_images(tmp_path):
     # normalisation, non-square size
     dn = load_image_folder(img_root, annotations=ann, size=(20, 10), mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))
     du = load_image_folder(img_root, annotations=ann, size=(20, 10))
-    assert dn.images.shape == (3, 3, 10, 20) and 0 <= du.images.min() and du.images.max() <= 1
+    assert dn.images.shape == (3, 3, 10, 20) and du.images.min() >= 0 and du.images.max() <= 1
     ref = (du.images - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1)) / torch.tensor([0.25, 0.2, 0.1]).view(3, 1, 1)
     torch.testing.assert_close(dn.images, ref)
     np.testing.assert_allclose(dn.boxes[0], d.boxes_original[0] * [0.2, 0.125, 0.2, 0.125])

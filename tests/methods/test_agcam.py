@@ -1,10 +1,6 @@
-"""AGCAM parity tests, specs/agcam.md §8.
-
-The reference here is a literal re-implementation of `AGCAM.generate` (LeemSaebom/Attention-Guided-CAM-...,
-Methods/AGCAM/AGCAM.py) on stock timm: the vendored `Attention.forward` starts with `x = x.detach()` (here a forward
-pre-hook on every blk.attn), exposes the pre-softmax scaled scores through an identity module (here rebuilt from a
-hook on attn.qkv, spec §3) and the gradient of the post-softmax attention through a full backward hook (here on
-attn.attn_drop of an unfused model).
+"""AGCAM parity tests (docs/methods/agcam.md §6): the engine against the literal port of `AGCAM.generate` in
+tests/ports/agcam.py (batch 1, hooks on an unfused timm model), the closed-form CLS-only backward against autograd,
+target forms, fusions, the detach, refusals and the normalise / upsample options.
 """
 from __future__ import annotations
 
@@ -12,78 +8,26 @@ import copy
 
 import pytest
 import torch
-from utils import (LAYOUTS, assert_maps_close, assert_structured, explain_every_backend, images_at, make_images,
-                   make_vit)
+from ports.agcam import LiteralAGCAM, literal_maps
+from utils import (
+    LAYOUTS,
+    assert_maps_close,
+    assert_structured,
+    backend_params,
+    explain_on,
+    images_at,
+    make_images,
+    make_vit,
+)
 
 import vitx_fast as vx
 
 ALL_LAYOUTS = sorted(LAYOUTS)
 
 
-class LiteralAGCAM:
-    """AGCAM.generate, batch 1, on a deep copy of an unfused timm ViT."""
-
-    def __init__(self, model, head_fusion="sum", layer_fusion="sum", detach=True):
-        self.model = copy.deepcopy(model).eval()
-        self.head_fusion, self.layer_fusion = head_fusion, layer_fusion
-        self.attn_matrix, self.grad_attn, self.full_grads = [], [], []
-        for blk in self.model.blocks:
-            attn = blk.attn
-            attn.fused_attn = False  # otherwise attn_drop never runs and its hook captures nothing (spec §7)
-            if detach:
-                attn.register_forward_pre_hook(lambda m, args: (args[0].detach(),) + tuple(args[1:]))
-            attn.qkv.register_forward_hook(self._score_hook(attn))
-            attn.attn_drop.register_full_backward_hook(self.get_grad_attn)
-
-    def _score_hook(self, attn):
-        def hook(module, inputs, output):
-            B, T, _ = output.shape
-            q, k, _ = output.reshape(B, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            self.attn_matrix.append(((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).detach())  # [B, H, 1, T]
-        return hook
-
-    def get_grad_attn(self, module, grad_input, grad_output):
-        self.full_grads.append(grad_output[0])
-        self.grad_attn.append(grad_output[0][:, :, 0:1, :])
-
-    def generate(self, input_tensor, cls_idx=None):
-        self.attn_matrix, self.grad_attn, self.full_grads = [], [], []
-        self.model.zero_grad()
-        output = self.model(input_tensor)
-        _, prediction = torch.max(output, 1)
-        loss = output[0, prediction[0]] if cls_idx is None else output[0, cls_idx]
-        loss.backward()
-        self.attn_matrix.reverse()
-        attn, gradient = self.attn_matrix[0], self.grad_attn[0]
-        for i in range(1, len(self.attn_matrix)):
-            attn = torch.concat((attn, self.attn_matrix[i]), dim=0)
-            gradient = torch.concat((gradient, self.grad_attn[i]), dim=0)
-        gradient = torch.nn.functional.relu(gradient)
-        attn = torch.sigmoid(attn)
-        mask = gradient * attn
-        # the reference drops column 0 (P = 1); generalised to the P prefix columns and an h x w grid
-        P = self.model.num_prefix_tokens
-        # the grid of this input (the model's grid_size unless dynamic_img_size runs it at another size)
-        (ph, pw), (H_in, W_in) = self.model.patch_embed.patch_size, input_tensor.shape[-2:]
-        h, w = H_in // ph, W_in // pw
-        mask = mask[:, :, :, P:].unsqueeze(0)  # b l h z p
-        mask = mask.sum(2) if self.head_fusion == "sum" else mask.mean(2)
-        mask = mask.sum(1) if self.layer_fusion == "sum" else mask.mean(1)
-        return prediction, mask.reshape(1, 1, h, w)
-
-
-def literal_maps(model, images, targets=None, **kw) -> torch.Tensor:
-    ref = LiteralAGCAM(model, **kw)
-    out = []
-    for i in range(images.shape[0]):
-        cls = None if targets is None else int(targets[i])
-        out.append(ref.generate(images[i:i + 1], cls)[1][0, 0])
-    return torch.stack(out)
-
-
 def closed_form_G(model, image, cls):
-    """Spec §3 CLS-only backward for one image (1, C, H, W): G^l_{h,0,j} = <δ^l_h, V^l_{h,j}>, list of (H, T)."""
+    """The CLS-only backward of docs/methods/agcam.md §1.3 for one image (1, C, H, W):
+    G^l_{h,0,j} = <δ^l_h, V^l_{h,j}>, list of (H, T)."""
     ad = vx.ViTAdapter(model)
     with torch.no_grad():
         rec = ad.forward(image)
@@ -124,7 +68,7 @@ def test_closed_form_matches_autograd_and_rows_vanish(layout):
     Gs = closed_form_G(model, x, cls)
     assert len(full) == len(Gs) == len(model.blocks)
     read = 2 if layout == "distilled" else 1  # a distilled head also reads the dist row (it never reaches row 0)
-    for i, (auto, cf) in enumerate(zip(full, Gs)):
+    for i, (auto, cf) in enumerate(zip(full, Gs, strict=True)):
         assert torch.count_nonzero(auto[0, :, read:, :]) == 0, f"layer {i}: rows the head does not read are not 0"
         assert auto[0, :, 0].abs().max() > 0
         torch.testing.assert_close(cf, auto[0, :, 0], atol=1e-10, rtol=1e-8)
@@ -251,80 +195,87 @@ EXTRA_LAYOUTS = {
 }
 
 
-_images = images_at
+MUST_SERVE = ("reference", "fused")  # AGCAM's fast path serves every layout; cpp / triton refuse only on device / dtype
 
 
-def each_backend(model, x, **kw):
-    ran = []
-    for name, exp in explain_every_backend(model, x, "agcam", **kw):
-        ran.append(name)
-        yield name, exp
-    assert {"reference", "fused"} <= set(ran), ran
-
-
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("case", list(EXTRA_LAYOUTS), ids=list(EXTRA_LAYOUTS))
-def test_extra_layouts_match_literal_every_backend(case):
-    """float64, batch 1 and 3, every backend against the literal AGCAM.generate port, on the input's own grid."""
+def test_extra_layouts_match_literal_every_backend(case, backend):
+    """float64, batch 1 and 3, each backend against the literal AGCAM.generate port, on the input's own grid."""
     layout, overrides, size = EXTRA_LAYOUTS[case]
     model = make_vit(layout, scale=1.5, **overrides)
     for batch in (1, 3):
-        x = _images(model, batch, size, seed=batch)
-        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size))
+        x = images_at(model, batch, size, seed=batch)
+        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size, strict=True))
         expected = literal_maps(model, x)
         assert_structured(expected)
-        for backend, got in each_backend(model, x):
-            assert got.maps.shape == (batch, *grid) and got.maps.dtype == torch.float64, backend
-            torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend}: {m}")
+        got = explain_on(backend, model, x, "agcam", must_serve=MUST_SERVE)
+        assert got.maps.shape == (batch, *grid) and got.maps.dtype == torch.float64, backend
+        torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend}: {m}")
 
 
+_PER_CLASS: dict = {}  # layout -> (model, x, literal map of every class), shared by the backend params of a layout
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("layout", ["registers", "distilled"])
-def test_target_forms_match_literal(layout):
-    """int, list, (B,), (B, K) targets give the literal port's map of each requested class, on every backend."""
-    model = make_vit(layout)
-    x = make_images(model, 2)
-    C = model.num_classes
-    per_class = {c: literal_maps(model, x, torch.tensor([c, c])) for c in range(C)}
+def test_target_forms_match_literal(layout, backend):
+    """int, list, (B,), (B, K) targets give the literal port's map of each requested class, on each backend."""
+    if layout not in _PER_CLASS:
+        model = make_vit(layout)
+        x = make_images(model, 2)
+        per_class = {c: literal_maps(model, x, torch.tensor([c, c])) for c in range(model.num_classes)}
+        _PER_CLASS[layout] = model, x, per_class
+    model, x, per_class = _PER_CLASS[layout]
     cases = {
         "int": (4, torch.stack([per_class[4][0], per_class[4][1]])),
         "list": ([1, 6], torch.stack([per_class[1][0], per_class[6][1]])),
         "(B,)": (torch.tensor([2, 0]), torch.stack([per_class[2][0], per_class[0][1]])),
         "(B,K)": (torch.tensor([[5, 1, 5], [0, 3, 6]]),
-                  torch.stack([torch.stack([per_class[c][b] for c in row]) for b, row in enumerate([[5, 1, 5], [0, 3, 6]])])),
+                  torch.stack([torch.stack([per_class[c][b] for c in row])
+                               for b, row in enumerate([[5, 1, 5], [0, 3, 6]])])),
     }
     for name, (target, expected) in cases.items():
-        for backend, got in each_backend(model, x, target=target):
-            assert got.maps.shape == expected.shape, (backend, name)
-            torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8, msg=lambda m: f"{backend} {name}: {m}")
+        got = explain_on(backend, model, x, "agcam", must_serve=MUST_SERVE, target=target)
+        assert got.maps.shape == expected.shape, (backend, name)
+        torch.testing.assert_close(got.maps, expected, atol=1e-10, rtol=1e-8,
+                                   msg=lambda m, name=name: f"{backend} {name}: {m}")
 
 
-def test_normalize_and_upsample_options():
-    """Spec §4: raw maps by default; upsample is bilinear (align_corners=False) and comes before the min-max,
-    which has +1e-12 in its denominator (the reference evaluation: Upsample, then (m - min) / (max - min))."""
+@pytest.mark.parametrize("backend", backend_params())
+def test_normalize_and_upsample_options(backend):
+    """docs/methods/agcam.md §2: raw maps by default; upsample is bilinear (align_corners=False) and comes before the
+    min-max, which has +1e-12 in its denominator (the reference evaluation: Upsample, then (m - min) / (max - min))."""
     import torch.nn.functional as F
 
     model = make_vit("nonsquare")
     x = make_images(model, 2)
     t = torch.tensor([[1, 3], [2, 6]])
-    for backend, raw in each_backend(model, x, target=t):
-        assert raw.options["normalize"] is None and raw.options["upsample"] is None
-        flat = raw.maps.flatten(-2)
-        lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-        mm = vx.explain(model, x, method="agcam", target=t, backend=backend, normalize="minmax").maps
-        torch.testing.assert_close(mm, ((flat - lo) / (hi - lo + 1e-12)).view_as(raw.maps), atol=0, rtol=0)
-        up = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40)).maps
-        ref_up = F.interpolate(raw.maps, size=(24, 40), mode="bilinear", align_corners=False)
-        torch.testing.assert_close(up, ref_up, atol=0, rtol=0)
-        both = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40),
-                          normalize="minmax").maps
-        f = ref_up.flatten(-2)
-        expected = ((f - f.amin(-1, keepdim=True)) / (f.amax(-1, keepdim=True) - f.amin(-1, keepdim=True) + 1e-12))
-        torch.testing.assert_close(both, expected.view_as(ref_up), atol=0, rtol=0)
-        # the order matters: min-max first, then the resize, is not the same map
-        assert not torch.allclose(both, F.interpolate(mm, size=(24, 40), mode="bilinear", align_corners=False),
-                                  atol=1e-3)
-        single = vx.explain(model, x, method="agcam", target=t[:, 0], backend=backend, upsample=16,
-                            normalize="minmax").maps
-        assert single.shape == (2, 16, 16)
+    raw = explain_on(backend, model, x, "agcam", must_serve=MUST_SERVE, target=t)
+    assert raw.options["normalize"] is None and raw.options["upsample"] is None
+    flat = raw.maps.flatten(-2)
+    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
+    mm = vx.explain(model, x, method="agcam", target=t, backend=backend, normalize="minmax").maps
+    torch.testing.assert_close(mm, ((flat - lo) / (hi - lo + 1e-12)).view_as(raw.maps), atol=0, rtol=0)
+    up = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40)).maps
+    ref_up = F.interpolate(raw.maps, size=(24, 40), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, ref_up, atol=0, rtol=0)
+    both = vx.explain(model, x, method="agcam", target=t, backend=backend, upsample=(24, 40),
+                      normalize="minmax").maps
+    f = ref_up.flatten(-2)
+    expected = ((f - f.amin(-1, keepdim=True)) / (f.amax(-1, keepdim=True) - f.amin(-1, keepdim=True) + 1e-12))
+    torch.testing.assert_close(both, expected.view_as(ref_up), atol=0, rtol=0)
+    # the order matters: min-max first, then the resize, is not the same map
+    assert not torch.allclose(both, F.interpolate(mm, size=(24, 40), mode="bilinear", align_corners=False),
+                              atol=1e-3)
+    single = vx.explain(model, x, method="agcam", target=t[:, 0], backend=backend, upsample=16,
+                        normalize="minmax").maps
+    assert single.shape == (2, 16, 16)
+
+
+def test_normalize_and_upsample_validation():
+    model = make_vit("nonsquare")
+    x = make_images(model, 2)
     for bad in (dict(normalize="max"), dict(normalize=True), dict(upsample=0), dict(upsample=(16,)),
                 dict(upsample="224"), dict(upsample=True)):
         with pytest.raises(ValueError):

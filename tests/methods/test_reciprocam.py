@@ -1,28 +1,39 @@
-"""ViT-ReciproCAM reference path against independent implementations (specs/reciprocam.md §9, items 1-7).
+"""ViT-ReciproCAM reference path against independent implementations (docs/methods/reciprocam.md §6).
 
-Independent references written here:
-- `naive_scores`: openvino_xai-torch style hook on a deep copy of the timm model (blocks[b].norm1 output replaced by the
-  (N, T, D) masked batch, residual broadcast), or the block's forward swapped for the "masked" / "ln1" residuals.
-- `VitCamPort`: a literal port of sybyun/vitcam `src/vit_recipro_cam.py` `ViTReciproCam`.
-- the one-hot closed form of §6 built from the unmodified forward's CLS attention row.
+Independent references:
+- `naive_scores` (tests/ports/reciprocam_hooks.py): openvino_xai-torch style hook on a deep copy of the timm model
+  (blocks[b].norm1 output replaced by the (N, T, D) masked batch, residual broadcast), or the block's forward swapped
+  for the "masked" / "ln1" residuals.
+- `VitCamPort` (tests/ports/vitcam.py): a literal port of sybyun/vitcam `src/vit_recipro_cam.py` `ViTReciproCam`.
+- the one-hot closed form of docs/methods/reciprocam.md §5, built here from the unmodified forward's CLS attention
+  row.
 """
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import pytest
 import torch
-from utils import (LAYOUTS, assert_maps_close, assert_structured, explain_every_backend, images_at, make_images,
-                   make_vit, minmax)
+from ports.reciprocam_hooks import G3, naive_maps, naive_mask, naive_scores
+from ports.vitcam import VitCamPort, vitcam_batch
+from utils import (
+    BASE,
+    LAYOUTS,
+    assert_maps_close,
+    assert_structured,
+    backend_params,
+    explain_on,
+    images_at,
+    make_images,
+    make_vit,
+    minmax,
+)
 
 import vitx_fast as vx
-from vitx_fast.methods.reciprocam.reference import variant_weights
 from vitx_fast.engine.adapter import UnsupportedModelError
+from vitx_fast.methods.reciprocam.reference import variant_weights
 from vitx_fast.postprocess import upsample
-
-G3 = [[1 / 16, 1 / 8, 1 / 16], [1 / 8, 1 / 4, 1 / 8], [1 / 16, 1 / 8, 1 / 16]]
 
 
 def engine(model, images, target=None, **opts):
@@ -35,57 +46,7 @@ def engine_scores(model, images, **opts):
     return maps.flatten(2).transpose(1, 2)
 
 
-def naive_mask(h, w, P, mask, cls_token):
-    """(N, T) variant weights written out with plain loops."""
-    W = torch.zeros(h * w, P + h * w, dtype=torch.float64)
-    for i in range(h):
-        for j in range(w):
-            k = i * w + j
-            if cls_token:
-                W[k, :P] = 1.0
-            for a in range(h):
-                for b in range(w):
-                    if mask == "onehot":
-                        W[k, P + a * w + b] = float(a == i and b == j)
-                    elif abs(a - i) <= 1 and abs(b - j) <= 1:
-                        W[k, P + a * w + b] = G3[a - i + 1][b - j + 1]
-    return W
-
-
-def naive_scores(model, images, target_block=-1, mask="gaussian", cls_token=True, residual="unmasked",
-                 score="softmax"):
-    """Per image: one forward of a hooked deep copy on the N variants. images (B, 3, H, W) -> (B, N, C)."""
-    m = copy.deepcopy(model).eval()
-    (ph, pw), (H_in, W_in) = m.patch_embed.patch_size, images.shape[-2:]
-    h, w = H_in // ph, W_in // pw  # the input's grid (grid_size unless dynamic_img_size runs another size)
-    W = naive_mask(h, w, m.num_prefix_tokens, mask, cls_token).to(next(m.parameters()).dtype)[:, :, None]
-    blk = m.blocks[target_block]
-    if residual == "unmasked":
-        # LN1 output (1, T, D) -> (N, T, D); the block's residual x stays (1, T, D) and broadcasts
-        blk.norm1.register_forward_hook(lambda mod, inp, out: W * out)
-    else:
-        def forward(x, attn_mask=None, is_causal=False):
-            u = W * blk.norm1(x)
-            r = W * x if residual == "masked" else u
-            y = r + blk.drop_path1(blk.ls1(blk.attn(u)))
-            return y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
-
-        blk.forward = forward
-    with torch.no_grad():
-        out = torch.stack([m(img[None]) for img in images])
-    return out.softmax(-1) if score == "softmax" else out
-
-
-def naive_maps(scores, grid, eps=1e-12):
-    """(B, N, C) -> min-max (B, C, h, w)."""
-    B, _, C = scores.shape
-    s = scores.transpose(1, 2).reshape(B, C, *grid)
-    flat = s.flatten(2)
-    lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
-    return ((flat - lo) / (hi - lo + eps)).view_as(s)
-
-
-# ---------------------------------------------------------------------------------------------------- §9.1 / §9.6
+# ---------------------------------------------------------------------------------------- reference vs the naive hooks
 COMBOS = [(mk, cls, res) for mk in ("gaussian", "onehot") for cls in (True, False)
           for res in ("unmasked", "masked", "ln1")]
 
@@ -100,7 +61,7 @@ def test_reference_matches_naive_hooks(layout, target_block):
         opts = dict(target_block=target_block, mask=mask, cls_token=cls_token, residual=residual)
         got = engine_scores(model, images, score="logit", **opts)
         ref = naive_scores(model, images, score="logit", **opts)
-        torch.testing.assert_close(got, ref, atol=1e-11, rtol=1e-10, msg=lambda s: f"{opts}: {s}")
+        torch.testing.assert_close(got, ref, atol=1e-11, rtol=1e-10, msg=lambda s, opts=opts: f"{opts}: {s}")
         maps = engine(model, images, target="all", **opts).maps  # softmax, min-max
         assert_maps_close(maps, naive_maps(ref.softmax(-1), grid), atol=1e-6, normalize=False)
     assert_structured(engine(model, images).maps)
@@ -109,7 +70,7 @@ def test_reference_matches_naive_hooks(layout, target_block):
 @pytest.mark.parametrize("layout,P,grid", [("plain", 1, (4, 4)), ("distilled", 2, (4, 4)), ("registers", 5, (4, 4)),
                                            ("nonsquare", 1, (3, 5)), ("big_grid", 1, (5, 6))])
 def test_prefix_tokens_and_grids(layout, P, grid):
-    """§9.6: P in {1, 2, 5} and non-square grids, default options, batched; maps are (B, h, w) on the model's grid."""
+    """P in {1, 2, 5} and non-square grids, default options, batched; maps are (B, h, w) on the model's grid."""
     model = make_vit(layout)
     assert model.num_prefix_tokens == P and tuple(model.patch_embed.grid_size) == grid
     images = make_images(model, 3)
@@ -142,7 +103,7 @@ def test_gap_head_matches_naive_hooks(class_token):
         for tb in (-1, -2):
             opts = dict(target_block=tb, mask=mask, cls_token=cls_token, residual=residual)
             torch.testing.assert_close(engine_scores(model, images, **opts), naive_scores(model, images, **opts),
-                                       atol=1e-11, rtol=1e-10, msg=lambda s: f"{opts}: {s}")
+                                       atol=1e-11, rtol=1e-10, msg=lambda s, opts=opts: f"{opts}: {s}")
 
 
 @pytest.mark.parametrize("layout", ["plain", "registers", "qknorm"])
@@ -178,7 +139,7 @@ def test_chunk_sizes_agree():
                                    atol=1e-13, rtol=1e-12)
 
 
-# ---------------------------------------------------------------------------------------------------- §9.2
+# ---------------------------------------------------------------------------------------------- residual semantics
 def test_residual_semantics():
     model = make_vit("layerscale")
     images = make_images(model, 2)
@@ -201,7 +162,7 @@ def test_residual_semantics():
     assert (a - b).abs().max() > 0.1
 
 
-# ---------------------------------------------------------------------------------------------------- §9.3
+# --------------------------------------------------------------------------------------------- one-hot closed form
 @pytest.mark.parametrize("layout", ["plain", "layerscale", "no_qkv_bias", "registers"])
 def test_onehot_closed_form(layout):
     """Variant k's CLS attention is a softmax over {l_0p (prefix p), l_0k, beta + ln(N-1)} of the unmasked forward."""
@@ -237,7 +198,7 @@ def test_onehot_closed_form(layout):
     torch.testing.assert_close(got, closed, atol=1e-11, rtol=1e-10)
 
 
-# ---------------------------------------------------------------------------------------------------- §9.4
+# --------------------------------------------------------------------------------------------------- variant masks
 @pytest.mark.parametrize("h,w,P", [(3, 5, 1), (5, 6, 2), (4, 4, 5), (2, 3, 0), (1, 1, 1)])
 def test_variant_weights(h, w, P):
     for mask in ("gaussian", "onehot"):
@@ -287,126 +248,7 @@ def test_ln1_of_zero_is_beta():
         assert blk.norm1.bias.abs().max() > 0.1
 
 
-# ---------------------------------------------------------------------------------------------------- §9.5
-class VitCamPort:
-    """Literal port of sybyun/vitcam `src/vit_recipro_cam.py` `ViTReciproCam` (commit 42608d6).
-
-    Only change: the zero tensor of the masked features takes the feature's dtype (the original allocates float32,
-    which is the same thing in its fp32 runs but would round our float64 features). `target_names` is recorded for
-    the test.
-    """
-
-    def __init__(self, model, device, target_layer_name=None, is_gaussian=True, block_index=-2, cls_token=True):
-        self.model = copy.deepcopy(model)
-        self.model.eval()
-        self.target_layer_name = target_layer_name
-        self.device = device
-        self.is_gaussian = is_gaussian
-        self.cls_token = cls_token
-        self.softmax = torch.nn.Softmax(dim=1)
-        self.feature = None
-        self.target_layers = []
-        self.target_names = []
-        self._find_target_layer()
-        if block_index == -1:
-            print('Last block layer cannot be used for CAM, so using the second last block layer.')
-            block_index = -2
-        self.target_layers[block_index].register_forward_hook(self._cam_hook())
-        self.hooked_name = self.target_names[block_index]
-        filter = [[1 / 16.0, 1 / 8.0, 1 / 16.0],
-                  [1 / 8.0, 1 / 4.0, 1 / 8.0],
-                  [1 / 16.0, 1 / 8.0, 1 / 16.0]]
-        self.gaussian = torch.tensor(filter).to(device)
-
-    def _find_target_layer(self):
-        if self.target_layer_name:
-            for name, module in self.model.named_modules():
-                if self.target_layer_name in name:
-                    self.target_layers.append(module)
-                    self.target_names.append(name)
-        else:
-            for name, module in self.model.named_modules():
-                if isinstance(module, torch.nn.LayerNorm):
-                    self.target_layer_name = name.split('.')[-1]
-                    break
-            for name, module in self.model.named_modules():
-                if self.target_layer_name in name:
-                    self.target_layers.append(module)
-                    self.target_names.append(name)
-
-    def _cam_hook(self):
-        def fn(_, input, output):
-            self.feature = output[0].unsqueeze(0)
-            bs, tn, dim = self.feature.shape
-            new_features = self._generate_masked_feature(tn, dim)
-            new_features = torch.cat((self.feature, new_features), dim=0)
-            return new_features
-
-        return fn
-
-    def _generate_masked_feature(self, tn, dim):
-        new_outputs = torch.zeros(tn - 1, tn, dim, dtype=self.feature.dtype).to(self.device)
-        if self.is_gaussian == False:  # noqa: E712 (as in the original)
-            for i in range(tn - 1):
-                if self.cls_token == True:  # noqa: E712
-                    new_outputs[i, 0, :] = self.feature[0, 0, :]
-                new_outputs[i, i + 1, :] = self.feature[0, i + 1, :]
-        else:
-            n_c = int((tn - 1) ** 0.5)
-            spatial_feature = self.feature[0, 1:, :]
-            spatial_feature = spatial_feature.reshape(1, n_c, n_c, dim)
-            if self.cls_token == True:  # noqa: E712
-                new_outputs[:, 0, :] = self.feature[0, 0, :]
-            new_outputs_r = new_outputs[:, 1:, :]
-            new_outputs_r = new_outputs_r.reshape(tn - 1, n_c, n_c, dim)
-            score_map = self.gaussian.reshape(3, 3, 1).repeat(1, 1, dim)
-            for i in range(n_c):
-                ky_s = max(i - 1, 0)
-                ky_e = min(i + 1, n_c - 1)
-                if i == 0: sy_s = 1  # noqa: E701
-                else: sy_s = 0  # noqa: E701
-                if i == n_c - 1: sy_e = 1  # noqa: E701
-                else: sy_e = 2  # noqa: E701
-                for j in range(n_c):
-                    kx_s = max(j - 1, 0)
-                    kx_e = min(j + 1, n_c - 1)
-                    if j == 0: sx_s = 1  # noqa: E701
-                    else: sx_s = 0  # noqa: E701
-                    if j == n_c - 1: sx_e = 1  # noqa: E701
-                    else: sx_e = 2  # noqa: E701
-                    new_outputs_r[i * n_c + j, ky_s:ky_e + 1, kx_s:kx_e + 1, :] \
-                        = spatial_feature[0, ky_s:ky_e + 1, kx_s:kx_e + 1, :] \
-                        * score_map[sy_s:sy_e + 1, sx_s:sx_e + 1, :]
-            new_outputs_r = new_outputs_r.reshape(tn - 1, tn - 1, dim)
-        return new_outputs
-
-    def _get_token_weight(self, predictions, index, num_tokens):
-        n_c = int((num_tokens - 1) ** 0.5)
-        weight = (predictions[:, index]).reshape((n_c, n_c))
-        weight_min = weight.min()
-        diff = weight.max() - weight_min
-        weight = (weight - weight_min) / (diff)
-        return weight
-
-    def __call__(self, input_tensor, index=None):
-        with torch.no_grad():
-            predictions = self.model(input_tensor)
-            predictions = self.softmax(predictions)
-            if index == None:  # noqa: E711
-                index = predictions[0].argmax().item()
-            bs, t_n, dim = self.feature.shape
-            cam = self._get_token_weight(predictions[1:, :], index, t_n)
-            cam = cam.detach()
-        return cam, index
-
-
-def vitcam_batch(model, images, index=None, **kw):
-    """vitcam is batch-1: one call per image. Returns maps (B, h, w) and indices (B,)."""
-    cam = VitCamPort(model, "cpu", **kw)
-    out = [cam(img[None], None if index is None else int(index[b])) for b, img in enumerate(images)]
-    return torch.stack([o[0] for o in out]), torch.tensor([o[1] for o in out])
-
-
+# ----------------------------------------------------------------------------------- official preset vs vitcam port
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("layout", ["plain", "layerscale", "qknorm", "no_qkv_bias", "deep_1head"])
 def test_official_matches_vitcam(layout, fused):
@@ -441,7 +283,8 @@ def _redraw_torchvision(model, seed=0):
 
 
 def torchvision_to_timm(tv):
-    """Port a torchvision VisionTransformer into a timm VisionTransformer (specs/ttame.md §6 key mapping)."""
+    """Port a torchvision VisionTransformer into a timm VisionTransformer (the key mapping of
+    docs/methods/tame.md §3)."""
     from timm.models.vision_transformer import VisionTransformer
 
     L = len(tv.encoder.layers)
@@ -494,7 +337,7 @@ def test_official_torchvision_vit():
     assert_structured(exp.maps)
 
 
-# ---------------------------------------------------------------------------------------------------- §9.7
+# ------------------------------------------------------------------------------------------------- output contract
 def test_all_class_maps_equal_per_class_runs():
     model = make_vit("distilled")
     images = make_images(model, 2)
@@ -608,42 +451,54 @@ EXTRA_LAYOUTS = {
 }
 
 
-_images = images_at
+# (case, target_block): the last block, and block -2 where the model has one
+EXTRA_BLOCKS = [pytest.param(case, tb, id=f"{case}-block{tb}") for case, (_, kw, _) in EXTRA_LAYOUTS.items()
+                for tb in ((-1, -2) if kw.get("depth", BASE["depth"]) > 1 else (-1,))]
 
 
-def each_backend(model, x, **kw):
-    ran = []
-    for name, exp in explain_every_backend(model, x, "reciprocam", **kw):
-        ran.append(name)
-        yield name, exp
-    assert "reference" in ran and (kw.get("target_block", -1) != -1 or "fused" in ran), ran
+def must_serve(target_block=-1):
+    """Backends that may not refuse: reference always, fused at the last block (its fast path)."""
+    return ("reference", "fused") if target_block == -1 else ("reference",)
 
 
-@pytest.mark.parametrize("case", list(EXTRA_LAYOUTS), ids=list(EXTRA_LAYOUTS))
-def test_extra_layouts_match_naive_every_backend(case):
-    """float64, batch 1 and 2: every backend's all-class logit scores equal the naive hooked re-run on the input's own
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case, target_block", EXTRA_BLOCKS)
+def test_extra_layouts_match_naive_every_backend(case, target_block, backend):
+    """float64, batch 1 and 2: each backend's all-class logit scores equal the naive hooked re-run on the input's own
     grid, for every mask / cls_token / residual combination, at the last block and (depth > 1) block -2."""
     layout, overrides, size = EXTRA_LAYOUTS[case]
     model = make_vit(layout, scale=1.5, **overrides)
-    blocks = (-1, -2) if len(model.blocks) > 1 else (-1,)
     for batch in (1, 2):
-        x = _images(model, batch, size, seed=batch)
-        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size))
-        for (mask, cls_token, residual), tb in itertools.product(COMBOS, blocks):
-            opts = dict(target_block=tb, mask=mask, cls_token=cls_token, residual=residual)
+        x = images_at(model, batch, size, seed=batch)
+        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size, strict=True))
+        for mask, cls_token, residual in COMBOS:
+            opts = dict(target_block=target_block, mask=mask, cls_token=cls_token, residual=residual)
             ref = naive_scores(model, x, score="logit", **opts)
-            for backend, exp in each_backend(model, x, target="all", scale="none", score="logit", **opts):
-                got = exp.maps
-                assert got.shape == (batch, model.num_classes, *grid) and got.dtype == torch.float64
-                torch.testing.assert_close(got.flatten(2).transpose(1, 2), ref, atol=1e-11, rtol=1e-10,
-                                           msg=lambda m: f"{backend} {opts}: {m}")
-        # defaults (softmax, min-max with eps) and every target form
+            exp = explain_on(backend, model, x, "reciprocam", must_serve=must_serve(target_block), target="all",
+                             scale="none", score="logit", **opts)
+            got = exp.maps
+            assert got.shape == (batch, model.num_classes, *grid) and got.dtype == torch.float64
+            torch.testing.assert_close(got.flatten(2).transpose(1, 2), ref, atol=1e-11, rtol=1e-10,
+                                       msg=lambda m, opts=opts: f"{backend} {opts}: {m}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", list(EXTRA_LAYOUTS), ids=list(EXTRA_LAYOUTS))
+def test_extra_layouts_target_forms_every_backend(case, backend):
+    """float64, batch 1 and 2, default options (softmax, min-max with eps): every target form on each backend equals
+    the naive hooked re-run on the input's own grid."""
+    layout, overrides, size = EXTRA_LAYOUTS[case]
+    model = make_vit(layout, scale=1.5, **overrides)
+    for batch in (1, 2):
+        x = images_at(model, batch, size, seed=batch)
+        grid = tuple(s // p for s, p in zip(x.shape[-2:], model.patch_embed.patch_size, strict=True))
         expected = naive_maps(naive_scores(model, x), grid)  # (B, C, h, w)
         ar = torch.arange(batch)
         t_bk = torch.tensor([[6, 0, 3], [2, 2, 5]])[:batch]
-        forms = {"all": ("all", expected), "int": (3, expected[:, 3]), "list": ([5, 1][:batch], expected[ar, [5, 1][:batch]]),
+        forms = {"all": ("all", expected), "int": (3, expected[:, 3]),
+                 "list": ([5, 1][:batch], expected[ar, [5, 1][:batch]]),
                  "(B,)": (torch.tensor([4, 2])[:batch], expected[ar, torch.tensor([4, 2])[:batch]]),
                  "(B,K)": (t_bk, expected[ar[:, None], t_bk])}
-        for name, (target, want) in forms.items():
-            for backend, exp in each_backend(model, x, target=target):
-                assert_maps_close(exp.maps, want, atol=1e-9, normalize=False)
+        for target, want in forms.values():
+            exp = explain_on(backend, model, x, "reciprocam", must_serve=must_serve(), target=target)
+            assert_maps_close(exp.maps, want, atol=1e-9, normalize=False)

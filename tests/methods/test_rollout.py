@@ -1,71 +1,22 @@
-"""Attention Rollout: the engine against a literal port of jacobgil/vit-explain `rollout` (hooks on attn_drop)."""
-import copy
+"""Attention Rollout: the engine against the literal ports of jacobgil/vit-explain `rollout`
+(tests/ports/vit_explain.py) and of Chefer's `Baselines.generate_rollout` (tests/ports/chefer.py)."""
 
 import numpy as np
 import pytest
 import torch
-from utils import (EXTRA_LAYOUTS, LAYOUTS, assert_maps_close, assert_structured, extra_model_and_images, make_images,
-                   make_vit)
+from ports.chefer import chefer_rollout_baseline
+from ports.vit_explain import vit_explain_rollout
+from utils import (
+    EXTRA_LAYOUTS,
+    LAYOUTS,
+    assert_maps_close,
+    assert_structured,
+    extra_model_and_images,
+    make_images,
+    make_vit,
+)
 
 import vitx_fast as vx
-
-
-def vit_explain_rollout(model, image, discard_ratio, head_fusion):
-    """Literal port of vit-explain's VITAttentionRollout (batch 1): hooks on attn_drop, in-place discard via a view,
-    `a / a.sum(dim=-1)` broadcast, result = a @ result, mask = result[0, 0, 1:] (generalised to P prefix rows)."""
-    model = copy.deepcopy(model).eval()
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    attentions = []
-    handles = [blk.attn.attn_drop.register_forward_hook(lambda mod, i, o: attentions.append(o.cpu()))
-               for blk in model.blocks]
-    with torch.no_grad():
-        model(image)
-    for h in handles:
-        h.remove()
-    result = torch.eye(attentions[0].size(-1), dtype=attentions[0].dtype)
-    with torch.no_grad():
-        for attention in attentions:
-            if head_fusion == "mean":
-                fused = attention.mean(axis=1)
-            elif head_fusion == "max":
-                fused = attention.max(axis=1)[0]
-            else:
-                fused = attention.min(axis=1)[0]
-            flat = fused.view(fused.size(0), -1)
-            _, indices = flat.topk(int(flat.size(-1) * discard_ratio), -1, False)
-            indices = indices[indices != 0]
-            flat[0, indices] = 0
-            eye = torch.eye(fused.size(-1), dtype=fused.dtype)
-            a = (fused + 1.0 * eye) / 2
-            a = a / a.sum(dim=-1)
-            result = torch.matmul(a, result)
-    P = model.num_prefix_tokens
-    return result[0, 0, P:]
-
-
-def chefer_rollout_baseline(model, image):
-    """Chefer's `Baselines.generate_rollout`: head mean, (A + I) row-normalised with keepdim, start_layer 0."""
-    model = copy.deepcopy(model).eval()
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    attns = []
-    hs = [b.attn.attn_drop.register_forward_hook(lambda mod, i, o: attns.append(o)) for b in model.blocks]
-    with torch.no_grad():
-        model(image)
-    for h in hs:
-        h.remove()
-    mats = [a.mean(dim=1) for a in attns]
-    T = mats[0].shape[-1]
-    eye = torch.eye(T, dtype=mats[0].dtype).expand(1, T, T)
-    mats = [m + eye for m in mats]
-    mats = [m / m.sum(dim=-1, keepdim=True) for m in mats]
-    joint = mats[0]
-    for m in mats[1:]:
-        joint = m.bmm(joint)
-    return joint[:, 0, model.num_prefix_tokens:]
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -117,7 +68,8 @@ def test_fused_equals_unfused_and_float32():
     fused = make_vit("registers", fused=True)
     assert_maps_close(vx.explain(fused, x, method="rollout").maps, vx.explain(m64, x, method="rollout").maps, 1e-10)
     m32 = make_vit("registers", dtype=torch.float32)
-    assert_maps_close(vx.explain(m32, x.float(), method="rollout").maps, vx.explain(m64, x, method="rollout").maps, 1e-5)
+    assert_maps_close(vx.explain(m32, x.float(), method="rollout").maps, vx.explain(m64, x, method="rollout").maps,
+                      1e-5)
 
 
 def test_bad_discard_ratio():

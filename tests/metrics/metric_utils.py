@@ -1,10 +1,8 @@
 """Helpers shared by the metric tests: tiny models, maps with and without ties, batched-vs-per-image comparison."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
 from utils import make_images, make_vit
 
 
@@ -66,9 +64,3 @@ def assert_batched_equals_per_image(batched, singles, atol, skip=("percentages",
         else:
             assert torch.allclose(v.double(), ref.double(), atol=atol, rtol=0, equal_nan=True), \
                 (k, (v.double() - ref.double()).abs().max().item())
-
-
-def pil_bicubic(cam, height, width):
-    """to_pil_image(cam, mode='F').resize((Height, Width), BICUBIC) -> pil_to_tensor, without torchvision."""
-    img = Image.fromarray(cam.float().numpy(), mode="F").resize((height, width), resample=Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32).copy())[None]

@@ -4,40 +4,10 @@ import numpy as np
 import pytest
 import torch
 from metric_utils import assert_batched_equals_per_image, cnn_and_images, per_image, token_maps, vit_and_images
+from ports.metrics_agcam import abpc_port
 
 from vitx_fast.metrics import abpc, prepare_maps
 from vitx_fast.metrics.abpc import abpc_keep_masks
-
-
-def abpc_port(model, data_norm, vis, target):
-    """AGCAM ABPC.py, one image: data_norm (1, C, H, W) normalised, vis (1, H, W) the [0, 1] map at image size.
-    The reference's 224 * 224 base is the image's H * W here."""
-    scope = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
-    c, h, w = vis.shape
-    base = h * w
-    LeRF, MoRF = np.zeros(len(scope)), np.zeros(len(scope))
-    for i in range(len(scope)):
-        k = int(base * scope[i])
-        mask = vis.view(c, -1).clone() + 1.0
-        value, indices = torch.topk(mask, k)
-        mask[0, indices] = 0
-        mask = torch.where(mask == 0.0, 0.0, 1.0)
-        mask = mask.reshape([h, w])
-        masked_data = data_norm * mask
-        pred = model(masked_data)
-        prob = torch.softmax(pred, dim=1)
-        MoRF[i] = prob[:, target.item()].item()
-
-        mask = vis.view(c, -1).clone() * -1.0 - 1.0
-        value, indices = torch.topk(mask, k)
-        mask[0, indices] = 0
-        mask = torch.where(mask == 0.0, 0.0, 1.0)
-        mask = mask.reshape([h, w])
-        masked_data = data_norm * mask
-        pred = model(masked_data)
-        prob = torch.softmax(pred, dim=1)
-        LeRF[i] = prob[:, target.item()].item()
-    return MoRF, LeRF
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,11 +1,11 @@
-"""ADCC: the published ViT-ReciproCAM table values as test vectors; the components against literal ports of vitcam's
-`ADCC` (PIL bicubic, raw 14x14-style maps, second explanation run) and openvino_xai's `ADCC.__call__` / `evaluate`;
-undefined coherency; batched against per-image."""
-import numpy as np
+"""ADCC: the published ViT-ReciproCAM table values as test vectors; the components against the literal ports
+(tests/ports/) of vitcam's `ADCC` (PIL bicubic, raw 14x14-style maps, second explanation run) and openvino_xai's
+`ADCC.__call__` / `evaluate`; undefined coherency; batched against per-image."""
 import pytest
 import torch
-from metric_utils import assert_batched_equals_per_image, per_image, pil_bicubic, token_maps, vit_and_images
-from scipy.stats import pearsonr
+from metric_utils import assert_batched_equals_per_image, per_image, token_maps, vit_and_images
+from ports.metrics_openvino import openvino_adcc_call, openvino_adcc_evaluate
+from ports.metrics_vitcam import vitcam_adcc_port
 
 import vitx_fast as vx
 from vitx_fast.metrics import adcc, adcc_score, prepare_maps
@@ -38,42 +38,6 @@ def reciprocam_fn(model):
 
 def minmax(t):
     return (t - t.min()) / (t.max() - t.min())
-
-
-def vitcam_adcc_port(model, images, labels, cam_generator, h, w, height, width):
-    """vit_recipro_cam_metric.ADCC for one batch (torchmetrics' PearsonCorrCoef -> scipy's pearsonr)."""
-    batch_size = images.shape[0]
-    coherency = complexity = avg_drop = avg_inc = 0.0
-    explanation = torch.zeros(batch_size, 3, height, width, dtype=images.dtype)
-    yc = torch.zeros(batch_size, dtype=torch.float64)
-    oc = torch.zeros(batch_size, dtype=torch.float64)
-    softmax = torch.nn.Softmax(dim=1)
-    with torch.no_grad():
-        predictions = softmax(model(images))
-        pre_cam = torch.zeros(batch_size, h * w, dtype=torch.float64)
-        for i in range(batch_size):
-            class_id = labels[i].item()
-            yc[i] = predictions[i][class_id]
-            cam = cam_generator(images[i].unsqueeze(0), class_id)
-            pre_cam[i] = cam.reshape(-1, )
-            complexity += cam.sum() / (h * w)
-            cam = pil_bicubic(cam, height, width)
-            explanation[i] = torch.mul(images[i], cam.repeat(3, 1, 1).to(images.dtype))
-        o_predictions = softmax(model(explanation))
-        for i in range(batch_size):
-            class_id = labels[i].item()
-            oc[i] = o_predictions[i][class_id]
-            cam = cam_generator(explanation[i].unsqueeze(0), class_id).reshape(-1, )
-            coherency += 0.5 * (1.0 + pearsonr(cam.numpy(), pre_cam[i].numpy())[0])
-        drop = torch.nn.functional.relu(yc - oc) / yc
-        inc = torch.count_nonzero(torch.nn.functional.relu(oc - yc))
-        avg_drop += drop.sum()
-        avg_inc += inc
-    n = batch_size
-    avg_drop, avg_inc, coherency, complexity = avg_drop.item() / n, avg_inc.item() / n, coherency / n, \
-        complexity.item() / n
-    adcc_ = 3.0 / (1.0 / coherency + 1.0 / (1 - complexity) + 1.0 / (1 - avg_drop))
-    return avg_drop * 100, avg_inc * 100, coherency * 100, complexity * 100, adcc_ * 100
 
 
 def test_vitcam_convention_matches_port():
@@ -117,21 +81,12 @@ def test_openvino_convention_matches_port():
     for i in range(2):  # ADCC.__call__, then evaluate's means
         saliency_map = prepare_maps(maps[i:i + 1], (32, 32))[0].numpy()
         input_image = (x[i] * sd + mu).permute(1, 2, 0).numpy()
-        model_output = model_predict(input_image)
-        masked_image = input_image * saliency_map[:, :, None]
-        class_idx = np.argmax(model_output)
-        confidence_on_input = model_output[class_idx]
-        avgdrop = max(0.0, confidence_on_input - model_predict(masked_image)[class_idx]) / confidence_on_input
-        b = explainer(masked_image, class_idx)
-        b = (b - b.min()) / (b.max() - b.min())  # scaling(..., max_value=1)
-        coh = (pearsonr(saliency_map.flatten(), b.flatten())[0] + 1) / 2
-        com = saliency_map.sum() / (saliency_map.shape[-1] * saliency_map.shape[-2])
+        coh, com, avgdrop = openvino_adcc_call(model_predict, explainer, saliency_map, input_image)
         results.append([coh, com, avgdrop])
         assert ours["coherency"][i].item() / 100 == pytest.approx(coh, abs=1e-9)
         assert ours["complexity"][i].item() / 100 == pytest.approx(com, abs=1e-9)
         assert ours["average_drop"][i].item() / 100 == pytest.approx(avgdrop, abs=1e-9)
-    coherency, complexity, average_drop = np.mean(np.array(results), axis=0)
-    ref = 3 / (1 / coherency + 1 / (1 - complexity) + 1 / (1 - average_drop))
+    ref = openvino_adcc_evaluate(results)
     got = adcc_score(ours["average_drop"].mean(), ours["coherency"].mean(), ours["complexity"].mean())
     assert got.item() == pytest.approx(ref * 100, abs=1e-7)
 

@@ -1,12 +1,15 @@
-"""Average Drop / Increase in Confidence: each convention against a literal port of its reference (T-TAME
-`get_masked_inputs` + `get_AD`/`get_IC`; vitcam `average_drop_increase` with PIL bicubic; openvino_xai's
-`ADCC.average_drop`), pytorch-grad-cam's DropInConfidence / IncreaseInConfidence, batched against per-image."""
+"""Average Drop / Increase in Confidence: each convention against a literal port of its reference in tests/ports/
+(T-TAME `get_masked_inputs` + `get_AD`/`get_IC`; vitcam `average_drop_increase` with PIL bicubic; openvino_xai's
+`ADCC.average_drop`; aimagelab's `average_drop`), pytorch-grad-cam's DropInConfidence / IncreaseInConfidence, batched
+against per-image."""
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from metric_utils import (assert_batched_equals_per_image, cnn_and_images, per_image, pil_bicubic, token_maps,
-                          vit_and_images)
+from metric_utils import assert_batched_equals_per_image, cnn_and_images, per_image, token_maps, vit_and_images
+from ports.metrics_aimagelab import aimagelab_average_drop
+from ports.metrics_openvino import openvino_average_drop
+from ports.metrics_ttame import get_AD, get_IC, get_masked_inputs, normalizeMinMax
+from ports.metrics_vitcam import pil_bicubic, vitcam_average_drop_increase_port
 
 from vitx_fast.metrics import average_drop_increase, prepare_maps
 from vitx_fast.metrics.adic import drop_increase, explanation_maps, quantile_mask
@@ -14,45 +17,7 @@ from vitx_fast.metrics.adic import drop_increase, explanation_maps, quantile_mas
 IMNET_MEAN, IMNET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-# ---- T-TAME (src/tame/metrics.py), 4-D branch, normalized_data=True; stats generalised from ImageNet's ----------
-def normalizeMinMax(cam_maps):
-    cam_map_mins = cam_maps
-    cam_map_maxs = cam_maps
-    for _ in range(0, 3):
-        cam_map_mins, _ = cam_map_mins.min(dim=-1)
-        cam_map_maxs, _ = cam_map_maxs.max(dim=-1)
-    cam_maps -= cam_map_mins.view(-1, 1, 1, 1)
-    cam_maps /= (cam_map_maxs - cam_map_mins + 1e-10).view(-1, 1, 1, 1)
-    return cam_maps
-
-
-def get_masked_inputs(inp, masks, img_size, percent, mean, std):
-    B, C, _, _ = masks.size()
-    masks = F.interpolate(masks, size=(img_size, img_size), mode="bilinear", align_corners=False)
-    _, _, H, W = masks.size()
-    masks = masks.to(inp.dtype)  # T-TAME: masks.float(), the model's dtype
-
-    def percent_gen(pc):
-        return masks.flatten(start_dim=1, end_dim=3).quantile(pc, dim=1).expand(H, W, C, B).permute(
-            *range(masks.ndim - 1, -1, -1))
-
-    masks_ls = [masks.masked_fill(masks < percent_gen(pct), 0) for pct in percent]
-    m = torch.tensor(mean, dtype=inp.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=inp.dtype).view(1, 3, 1, 1)
-    inv = lambda t: (t - 0.0) / (1 / s) - (-m)  # noqa: E731 - Normalize(0, 1/std) then Normalize(-mean, 1)
-    normalize = lambda t: (t - m) / s  # noqa: E731
-    return [normalize(mask * inv(inp)) for mask in masks_ls]
-
-
-def get_AD(original_logits, new_logits):
-    return torch.nan_to_num((original_logits - new_logits).clip(min=0) / original_logits).sum() * (
-        100 / original_logits.size()[0])
-
-
-def get_IC(original_logits, new_logits):
-    return ((new_logits - original_logits) > 0).sum() * (100 / original_logits.size()[0])
-
-
+# ---- T-TAME (src/tame/metrics.py), ported in tests/ports/metrics_ttame.py -----------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ttame_matches_port(dtype):
     model, x = vit_and_images(dtype, batch=4)
@@ -88,33 +53,13 @@ def test_quantile_mask_is_soft_and_uses_torch_quantile():
     assert torch.equal(quantile_mask(flat, 0.85), flat)  # nothing is below the threshold of a flat map
 
 
-# ---- vitcam (src/vit_recipro_cam_metric.py average_drop_increase) -------------------------------------------------
-def vitcam_port(model, images, labels, cams, height, width):
-    softmax = torch.nn.Softmax(dim=1)
-    batch_size = images.shape[0]
-    explanation = torch.zeros(batch_size, 3, height, width, dtype=images.dtype)
-    yc = torch.zeros(batch_size, dtype=torch.float64)
-    oc = torch.zeros(batch_size, dtype=torch.float64)
-    with torch.no_grad():
-        predictions = softmax(model(images))
-        for i in range(batch_size):
-            class_id = labels[i].item()
-            yc[i] = predictions[i][class_id]
-            cam = pil_bicubic(cams[i], height, width)
-            explanation[i] = torch.mul(images[i], cam.repeat(3, 1, 1).to(images.dtype))
-        o_predictions = softmax(model(explanation))
-        for i in range(batch_size):
-            oc[i] = o_predictions[i][labels[i].item()]
-    drop = torch.nn.functional.relu(yc - oc) / yc
-    return drop, (oc > yc), explanation
-
-
+# ---- vitcam (src/vit_recipro_cam_metric.py average_drop_increase), ported in tests/ports/metrics_vitcam.py --------
 def test_vitcam_matches_port_and_pil_bicubic():
     model, x = vit_and_images(torch.float64, batch=3)
     maps = token_maps(3, 4, 4)
     labels = torch.tensor([2, 0, 5])
     cams = prepare_maps(maps, (4, 4))  # the h x w min-max maps vitcam's generator returns
-    ref_drop, ref_inc, ref_e = vitcam_port(model, x, labels, cams, 32, 32)
+    ref_drop, ref_inc, ref_e = vitcam_average_drop_increase_port(model, x, labels, cams, 32, 32)
     ours = average_drop_increase(model, x, maps, labels, convention="vitcam")
     m = explanation_maps(maps, (32, 32), "vitcam")
     assert torch.allclose(m, torch.cat([pil_bicubic(c, 32, 32) for c in cams]).double(), atol=1e-6)
@@ -155,12 +100,7 @@ def test_openvino_matches_port():
     sal = prepare_maps(maps, (32, 32)).numpy()
     for i in range(2):
         input_image = (x[i] * sd + mu).permute(1, 2, 0).numpy()
-        model_output = model_predict(input_image)
-        masked_image = input_image * sal[i][:, :, None]
-        class_idx = np.argmax(model_output)
-        confidence_on_input = model_output[class_idx]
-        confidence_on_saliency_map = model_predict(masked_image)[class_idx]
-        avgdrop = max(0.0, confidence_on_input - confidence_on_saliency_map) / confidence_on_input
+        avgdrop = openvino_average_drop(model_predict, sal[i], input_image)
         assert ours["average_drop"][i].item() / 100 == pytest.approx(avgdrop, abs=1e-10)
 
 
@@ -209,12 +149,7 @@ def test_clean_score_top1_matches_aimagelab_average_drop():
     ours = average_drop_increase(model, x, maps, labels, convention="vitcam", clean_score="top1")
     e = x * explanation_maps(maps, (32, 32), "vitcam")[:, None]
     for i in range(3):
-        with torch.no_grad():
-            out_on_inp = torch.softmax(model(x[i:i + 1]), dim=1)
-            out_on_exp = torch.softmax(model(e[i:i + 1]), dim=1)
-        confidence_on_inp = out_on_inp.max(1)[0].item()
-        confidence_on_exp = out_on_exp[:, labels[i].item()][0].item()
-        ref = max(0., confidence_on_inp - confidence_on_exp) / confidence_on_inp
+        ref = aimagelab_average_drop(model, x[i:i + 1], e[i:i + 1], labels[i].item())
         assert ours["average_drop"][i].item() / 100 == pytest.approx(ref, abs=1e-12)
     with pytest.raises(ValueError):
         average_drop_increase(model, x, maps, labels, convention="vitcam", clean_score="max")

@@ -5,34 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 from metric_utils import assert_batched_equals_per_image, cnn_and_images, per_image, token_maps, vit_and_images
+from ports.metrics_openvino import openvino_insertion_deletion
+from ports.metrics_vitcam import vitcam_dauc_iauc_port
 
 from vitx_fast.metrics import insertion_deletion, prepare_maps
 from vitx_fast.metrics.insertion_deletion import baseline_images, step_counts, trapezoid_auc
 
 MEAN, STD = 0.5, 0.5
-
-
-def openvino_auc(arr):
-    return np.abs((arr.sum() - arr[0] / 2 - arr[-1] / 2) / (arr.shape[0] - 1))
-
-
-def openvino_insertion_deletion(model_predict, saliency_map, class_idx, input_image, steps, kind="quicksort"):
-    """openvino_xai InsertionDeletionAUC.__call__ + step_image_insertion_deletion (input_image (H, W, C) raw)."""
-    sorted_indices = np.argsort(-saliency_map.flatten(), kind=kind)
-    sorted_indices = np.unravel_index(sorted_indices, saliency_map.shape)
-    insertion_scores, deletion_scores = [], []
-    for i in range(steps + 1):
-        num_pixels = int(i * len(sorted_indices[0]) / steps)
-        image_insertion = np.full_like(input_image, 0)
-        image_deletion = input_image.copy()
-        x_indices = sorted_indices[0][:num_pixels]
-        y_indices = sorted_indices[1][:num_pixels]
-        image_insertion[x_indices, y_indices] = input_image[x_indices, y_indices]
-        image_deletion[x_indices, y_indices] = 0
-        insertion_scores.append(model_predict(image_insertion)[class_idx])
-        deletion_scores.append(model_predict(image_deletion)[class_idx])
-    return openvino_auc(np.array(insertion_scores)), openvino_auc(np.array(deletion_scores)), \
-        np.array(insertion_scores), np.array(deletion_scores)
 
 
 @pytest.mark.parametrize("maps_kind", ["image_distinct", "token_grid", "token_ties"])
@@ -50,7 +29,8 @@ def test_matches_openvino_port(maps_kind):
 
     for i in range(2):
         raw = (x[i] * STD + MEAN).permute(1, 2, 0).numpy()
-        # the spec's order is a stable sort; openvino_xai's default (quicksort) argsort agrees only without ties
+        # the documented order (docs/metrics.md §7) is a stable sort; openvino_xai's default (quicksort) argsort
+        # agrees only without ties
         ins, dele, ins_c, del_c = openvino_insertion_deletion(model_predict, sal[i], int(ours["targets"][i]), raw, 8,
                                                               kind="stable" if ties else "quicksort")
         assert ours["insertion"][i].item() == pytest.approx(ins, abs=1e-10)
@@ -132,51 +112,6 @@ def test_batched_equals_per_image(dtype, kind, baseline):
     assert_batched_equals_per_image(batched, [insertion_deletion(model, x, maps, None, batch_size=4, **kw)], tol)
     assert batched["insertion_curve"].shape == (3, 6)
     assert torch.allclose(batched["deletion_curve"][:, 0], batched["prob"])  # step 0 of deletion: the clean image
-
-
-def vitcam_dauc_iauc_port(model, images, labels, cams, height, width):
-    """vit_recipro_cam_metric.dauc_iauc for one batch (the ViTReciproCam call replaced by the given h x w maps)."""
-    auc = pytest.importorskip("sklearn.metrics").auc
-    dauc, iauc = [], []
-    softmax = torch.nn.Softmax(dim=1)
-    batch_size = images.shape[0]
-    with torch.no_grad():
-        h = int(height / 32)
-        w = int(width / 32)
-        predictions = softmax(model(images))
-        dx = int(width / w)
-        dy = int(height / h)
-        ck = torch.zeros(h * w + 1, dtype=torch.float64)
-        for i in range(batch_size):
-            class_id = labels[i].item()
-            cam = cams[i].reshape(-1, )
-            _, s_index = cam.sort(dim=0, descending=True)
-            del_mask = torch.ones(3, height, width, dtype=images.dtype)
-            inc_mask = torch.zeros(3, height, width, dtype=images.dtype)
-            base_color = torch.mean(images[i], dim=(1, 2)).unsqueeze(0)
-            base_color = base_color.reshape(1, 3, 1, 1)
-            auc_images = base_color.repeat(2 * h * w, 1, height, width)
-            for j in range(h * w):
-                s_idx = int(s_index[j].cpu().item())
-                ci = s_idx // w
-                cj = s_idx - ci * w
-                xs = int(cj * dx)
-                xe = int(min((cj + 1) * dx, width - 1))
-                ys = int(ci * dy)
-                ye = int(min((ci + 1) * dy, height - 1))
-                del_mask[:, ys:ye + 1, xs:xe + 1] = 0.0
-                inc_mask[:, ys:ye + 1, xs:xe + 1] = 1.0
-                auc_images[j] = images[i] * del_mask
-                auc_images[h * w + j] = auc_images[h * w + j] * del_mask + images[i] * inc_mask
-            o_predictions = softmax(model(auc_images))
-            ck[0] = predictions[i][class_id]
-            ck[1:] = o_predictions[:h * w, class_id]
-            x = np.arange(0, len(ck))
-            dauc.append(auc(x, ck.numpy()) / len(ck))
-            ck[h * w] = predictions[i][class_id]
-            ck[:h * w] = o_predictions[h * w:, class_id]
-            iauc.append(auc(x, ck.numpy()) / len(ck))
-    return np.array(dauc), np.array(iauc)
 
 
 @pytest.mark.parametrize("size,grid", [((64, 96), (6, 8)), ((72, 64), (3, 3))])

@@ -9,73 +9,8 @@ from vitx_fast.metrics import boxes_to_mask, localization, pointing_game
 from vitx_fast.metrics.localization import component_boxes, contour_box_masks
 
 cv2 = pytest.importorskip("cv2")
-
-
-# ---- literal ports (AGCAM utils/bounding_box.py; box_to_seg generalised from 224 x 224 to the mask size) -----------
-def getBoudingBox_multi(mask, threshold=None):
-    mask = mask.detach().cpu().numpy()[0]
-    mask = np.transpose(mask, (1, 2, 0))
-    if threshold is None:
-        threshold = mask.mean()
-    mask[mask > threshold] = 1
-    mask[mask <= threshold] = 0
-    mask = (mask * 255).astype(np.uint8)
-    contours, hierarchy = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    bnd_box = torch.tensor([])
-    for contour in contours:
-        x, y, w, h = cv2.boundingRect(contour)
-        xmin = x
-        ymin = y
-        xmax = x + w
-        ymax = y + h
-        if bnd_box.dim() == 1:
-            bnd_box = torch.tensor((xmin, ymin, xmax, ymax)).unsqueeze(0)
-        else:
-            bnd_box = torch.cat((bnd_box, torch.tensor((xmin, ymin, xmax, ymax)).unsqueeze(0)), dim=0)
-    return bnd_box
-
-
-def box_to_seg(box_cor, size=(224, 224)):
-    segmask = torch.zeros(size)
-    if box_cor.dim() != 1:
-        n, _ = box_cor.shape
-        for i in range(n):
-            xmin = box_cor[i][0]
-            ymin = box_cor[i][1]
-            xmax = box_cor[i][2]
-            ymax = box_cor[i][3]
-            segmask[ymin:ymax + 1, xmin:xmax + 1] = 1
-    return segmask
-
-
-def agcam_pred_mask(map01, threshold=0.5):
-    """(H, W) [0, 1] map -> AGCAM's predicted segmentation (H, W) float32."""
-    m = map01.clone().reshape(1, 1, *map01.shape)
-    return box_to_seg(getBoudingBox_multi(m, threshold=threshold), tuple(map01.shape))
-
-
-def agcam_localization(cam, bnd_box, size, threshold=0.5):
-    """Literal `localization.py` per-image body (mask.reshape(1, 1, h, w), bilinear to size, min-max, counts)."""
-    mask = cam.reshape(1, 1, *cam.shape)
-    upsample = torch.nn.Upsample(size, mode="bilinear", align_corners=False)
-    mask = upsample(mask)
-    mask = (mask - mask.min()) / (mask.max() - mask.min())
-    seg_label = box_to_seg(bnd_box, size)
-    mask_bnd_box = getBoudingBox_multi(mask, threshold=threshold)
-    seg_mask = box_to_seg(mask_bnd_box, size)
-    output = seg_mask.view(-1, )
-    target = seg_label.view(-1, ).float()
-    tp = torch.sum(output * target)
-    fp = torch.sum(output * (1 - target))
-    fn = torch.sum((1 - output) * target)
-    tn = torch.sum((1 - output) * (1 - target))
-    eps = 1e-5
-    pixel_acc_ = (tp + tn + eps) / (tp + tn + fp + fn + eps)
-    dice_ = (2 * tp + eps) / (2 * tp + fp + fn + eps)
-    precision_ = (tp + eps) / (tp + fp + eps)
-    recall_ = (tp + eps) / (tp + fn + eps)
-    iou_ = (tp + eps) / (tp + fp + fn + eps)
-    return {"pixel_accuracy": pixel_acc_, "dice": dice_, "precision": precision_, "recall": recall_, "iou": iou_}
+from ports.metrics_agcam import agcam_localization, agcam_pred_mask, box_to_seg
+from ports.metrics_openvino import openvino_pointing_game
 
 
 def synthetic_maps(h=40, w=48):
@@ -126,7 +61,7 @@ def test_hand_computed_boxes():
     expected[1, 0:3, 0:3] = True
     assert torch.equal(got, expected)
     bi, x, y, w, h = component_boxes(m > 0.5)
-    assert sorted(zip(bi.tolist(), x.tolist(), y.tolist(), w.tolist(), h.tolist())) == \
+    assert sorted(zip(bi.tolist(), x.tolist(), y.tolist(), w.tolist(), h.tolist(), strict=True)) == \
         [(0, 5, 3, 1, 1), (1, 0, 0, 2, 2), (1, 7, 7, 1, 1)]
 
 
@@ -174,16 +109,6 @@ def test_boxes_to_mask_scaling_like_agcam_dataset():
     assert torch.equal(ours[0], ref.bool())
     xywh = boxes_to_mask([[(2, 3, 4, 5)], []], (10, 12), box_format="xywh")
     assert xywh[0, 3:9, 2:7].all() and xywh[0].sum() == 6 * 5 and not xywh[1].any()
-
-
-def openvino_pointing_game(saliency_map, image_gt_bboxes):
-    """openvino_xai PointingGame.__call__ (boxes (x, y, w, h), inclusive)."""
-    max_indices = np.argwhere(saliency_map == np.max(saliency_map))
-    for x, y, w, h in image_gt_bboxes:
-        for max_point_y, max_point_x in max_indices:
-            if x <= max_point_x <= x + w and y <= max_point_y <= y + h:
-                return 1.0
-    return 0.0
 
 
 def test_pointing_game_matches_openvino_rule_and_quantus():

@@ -1,16 +1,16 @@
-"""Metrics on non-square token-grid maps and batch size 1 (specs/metrics.md §0: the h x w map is upsampled bilinearly,
-align_corners=False, to the input size, then min-max; §8.7 batching): ABPC and T-TAME AD/IC against their literal
-ports generalised to a non-square input, ROAD removal sets against numpy.percentile on the upsampled map,
-insertion/deletion and localization against hand-built references, all on a 3 x 5 grid (24 x 40 images) in float64."""
+"""Metrics on non-square token-grid maps and batch size 1 (docs/metrics.md §1: the h x w map is upsampled
+bilinearly, align_corners=False, to the input size, then min-max; batched results equal per-image ones): ABPC and
+T-TAME AD/IC against their literal ports generalised to a non-square input, ROAD removal sets against numpy.percentile
+on the upsampled map, insertion/deletion and localization against hand-built references, all on a 3 x 5 grid
+(24 x 40 images) in float64."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from metric_utils import token_maps, vit_and_images
-from test_abpc import abpc_port
+from ports.metrics_agcam import abpc_port
 
-from vitx_fast.metrics import (abpc, average_drop_increase, insertion_deletion, localization, prepare_maps,
-                               removal_masks)
+from vitx_fast.metrics import abpc, average_drop_increase, insertion_deletion, localization, prepare_maps, removal_masks
 
 TTAME_EPS = 1e-10  # normalizeMinMax
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -25,7 +25,7 @@ def _case(batch):
 def _bilinear_minmax(maps, size):
     up = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     lo, hi = up.flatten(1).amin(1)[:, None, None], up.flatten(1).amax(1)[:, None, None]
-    return (up - lo) / (hi - lo + 1e-12)  # the engine's documented min-max eps (spec §0)
+    return (up - lo) / (hi - lo + 1e-12)  # the engine's documented min-max eps (docs/metrics.md §1)
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -14,6 +14,8 @@ from vitx_fast.metrics import noisy_linear_impute, prepare_maps, removal_masks, 
 from vitx_fast.metrics.road import percentile_threshold
 
 grad_cam_road = pytest.importorskip("pytorch_grad_cam.metrics.road")
+from ports.metrics_ttame import ttame_road_port
+
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs scipy.sparse inside the references
 
 
@@ -202,21 +204,6 @@ def gradcam_road_scores(model, x, cams, tg, seed):
         morf = [grad_cam_road.ROADMostRelevantFirst(100 - p)(x, cams, targets, model) for p in PCT]
         lerf = [grad_cam_road.ROADLeastRelevantFirst(100 - p)(x, cams, targets, model) for p in PCT]
     return np.stack(morf, 1), np.stack(lerf, 1)
-
-
-def ttame_road_port(model, x, cams, percent_list, road_cls):
-    """Literal port of T-TAME `metrics.ROAD.__call__` + `_updateAcc`, per-image correctness kept."""
-    from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
-
-    logits = model(x)
-    model_truth = logits.softmax(dim=1).max(dim=1)[1]
-    target = [RawScoresOutputTarget() for _ in range(x.size(0))]
-    out = []
-    for percentile in percent_list:
-        scores = road_cls(percentile)(x, cams, target, model, return_diff=False)
-        _, new_preds = torch.tensor(scores).max(dim=1)
-        out.append(model_truth.cpu() == new_preds)
-    return torch.stack(out, 1).double()
 
 
 def test_road_matches_gradcam_and_ttame_with_seeded_noise():

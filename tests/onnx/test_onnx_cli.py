@@ -6,8 +6,8 @@ from onnx_helpers import check_against_torch, check_graph, session
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from vitx_fast.cli import main  # noqa: E402
-from vitx_fast.cli.export import parse_options  # noqa: E402
+from vitx_fast.cli import main
+from vitx_fast.cli.export import parse_options
 
 
 def cli(argv, capsys):
@@ -47,7 +47,6 @@ def test_demo_model_export(tmp_path, capsys, record_property, monkeypatch):
 
 @pytest.mark.parametrize("argv,match", [
     (["--method", "gradcam"], "unknown method 'gradcam'; methods that export to ONNX: ['agcam'"),
-    (["--method", "grad_rollout"], "grad_rollout has no single-program fast path"),
     (["--method", "gae", "--target", "all"], "target='all' needs a method"),
     (["--method", "rollout", "--target", "input"], "the map depends on no class"),
     (["--method", "gae", "--flow"], "flow=True: gae has no per-block flow"),

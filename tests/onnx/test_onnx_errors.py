@@ -11,9 +11,9 @@ from onnx_helpers import tiny_vit
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-import vitx_fast.onnx_export as oe  # noqa: E402
-from vitx_fast.engine.adapter import UnsupportedModelError  # noqa: E402
-from vitx_fast.onnx_export import OnnxExportError, export_onnx  # noqa: E402
+import vitx_fast.onnx_export as oe
+from vitx_fast.engine.adapter import UnsupportedModelError
+from vitx_fast.onnx_export import OnnxExportError, export_onnx
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,6 @@ def _fp16(m):
 # (method, keywords, model transform, exception, message fragment)
 REFUSALS = [
     ("gradcam", {}, None, ValueError, "unknown method 'gradcam'"),
-    ("grad_rollout", {}, None, ValueError, "grad_rollout has no single-program fast path"),
     ("gae", dict(target="all"), None, ValueError, "target='all' needs a method that yields every class"),
     ("rollout", dict(class_input=True), None, ValueError, "map depends on no class"),
     ("reciprocam", dict(target="all", class_input=True), None, ValueError, "cannot be combined"),

@@ -5,14 +5,24 @@ One export per case (each a few seconds): every case checks everything its graph
 recorded as test properties (`--junitxml`)."""
 import pytest
 import torch
-from onnx_helpers import (ATOL, check_against_torch, check_graph, make_images, reference, run, session, split_kw,
-                          tame_explainer, tiny_vit)
+from onnx_helpers import (
+    ATOL,
+    check_against_torch,
+    check_graph,
+    make_images,
+    reference,
+    run,
+    session,
+    split_kw,
+    tame_explainer,
+    tiny_vit,
+)
 from utils import assert_maps_close, assert_structured
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from vitx_fast.onnx_export import export_onnx  # noqa: E402
+from vitx_fast.onnx_export import export_onnx
 
 # id -> (layout, method, keywords (export + method options), model overrides). Together: registers (P=5), distilled
 # (P=2, two heads), non-square 3x5 grid, layerscale; top-1, all classes, class input; both epilogues; DAAM's flow;

@@ -1,28 +1,19 @@
-"""Shared machinery of the fused-op tests: implementation params, inputs in NaN-padded buffers, and the dtype-aware
+"""Shared machinery of the fused-op tests: kernel-family params, inputs in NaN-padded buffers, and the dtype-aware
 "no worse than torch" comparison (flash-attention's rule: err(kernel) <= 2 * err(torch in the same dtype), both
 measured against the float64 reference, with a small floor)."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 
 import pytest
 import torch
+from utils import family_marks
 
-from vitx_fast import _ext
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-IMPL_PARAMS = [
-    pytest.param("reference", id="reference"),
-    pytest.param("cpp", id="cpp", marks=[pytest.mark.native, pytest.mark.skipif(
-        not _ext.is_available(), reason=f"native module not built: {_ext.import_error()}")]),
-    pytest.param("triton", id="triton", marks=[pytest.mark.triton, pytest.mark.skipif(
-        not (HAS_TRITON and INTERPRET), reason="needs triton, and TRITON_INTERPRET=1 for CPU tensors")]),
-]
-FAST_IMPL_PARAMS = IMPL_PARAMS[1:]
+# every kernel family, with a skip mark where this machine cannot run it (cpp: the native module; triton: triton and
+# TRITON_INTERPRET=1 for CPU tensors)
+FAMILIES = ("reference", "cpp", "triton")
+FAST_FAMILIES = ("cpp", "triton")
+IMPL_PARAMS = [pytest.param(f, id=f, marks=family_marks(f)) for f in FAMILIES]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 
 # floor of the allowed error, in units of max|expected|: a few ulps of accumulated rounding
@@ -82,17 +73,3 @@ def nan_padded(t: torch.Tensor, pad: int = 37) -> torch.Tensor:
     view = buf[pad:pad + n].view(t.shape)
     view.copy_(t)
     return view
-
-
-def impl_cases(shapes, triton_shapes, names: str):
-    """(impl, shape) params over every backend; the Triton interpreter runs each program in Python, so it gets the
-    small shapes only. `names` labels the shape entries in the ids, e.g. "BLHTd"."""
-    return [pytest.param(p.values[0], shape, marks=p.marks,
-                         id=f"{p.id}-" + "-".join(f"{k}{v}" for k, v in zip(names, shape, strict=True)))
-            for p in IMPL_PARAMS for shape in (triton_shapes if p.values[0] == "triton" else shapes)]
-
-
-def seed_cases(n: int, n_triton: int):
-    """(impl, seed) params: n seeded random shapes per backend, n_triton under the Triton interpreter."""
-    return [pytest.param(p.values[0], seed, id=f"{p.id}-seed{seed}", marks=p.marks)
-            for p in IMPL_PARAMS for seed in range(n_triton if p.values[0] == "triton" else n)]

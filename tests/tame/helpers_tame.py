@@ -1,13 +1,12 @@
-"""Shared helpers for the T-TAME tests: explainers with random (non-trivial) weights and BN statistics."""
+"""Shared helpers for the T-TAME tests: explainers with random (non-trivial) weights and BN statistics. The literal
+port of the authors' code (and its `literal_c` driver) is tests/ports/ttame.py."""
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 
 from vitx_fast.methods.tame.module import TAMEExplainer
-from ttame_ref import RefGeneric
 
 
 def randomize_am(am, seed: int = 0):
@@ -31,19 +30,3 @@ def random_explainer(model, seed: int = 0, layers=None) -> TAMEExplainer:
     ex = TAMEExplainer.for_model(model, layers)
     randomize_am(ex.attn_mech, seed)
     return ex.eval()
-
-
-def literal_c(model, explainer, images) -> torch.Tensor:
-    """c (B, C, h', w') from the literal port: norm1 forward hooks on an unfused deep copy, PreprocessSeq, the
-    reference AttentionTAME in eval with the explainer's weights."""
-    m = copy.deepcopy(model).eval()
-    for mod in m.modules():
-        if hasattr(mod, "fused_attn"):
-            mod.fused_attn = False
-    grid = tuple(m.patch_embed.grid_size)
-    ref = RefGeneric(m, explainer.layers, m.num_prefix_tokens, grid, explainer.num_classes, masking="diagonal")
-    ref.attn_mech.load_state_dict(explainer.attn_mech.state_dict())
-    ref = ref.to(images.dtype).eval()
-    with torch.no_grad():
-        ref(images)
-    return ref.c, ref.labels

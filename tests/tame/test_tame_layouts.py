@@ -1,23 +1,23 @@
-"""T-TAME on token layouts that combine what the single-layout tests cover one at a time (specs/ttame.md §1 and §6:
-drop all P prefix rows, the model's (h, w) grid): register tokens with a non-square grid, a distilled model with a
-tall grid, no class token (P = 0, average pooling), `no_embed_class` with registers; float64, batch 1 and > 1, both
-backends against the literal port, batched against per-image, and one training step against the reference pipeline
-on a non-square grid."""
+"""T-TAME on token layouts that combine what the single-layout tests cover one at a time (docs/methods/tame.md
+§1.1 and §3: drop all P prefix rows, the model's (h, w) grid): register tokens with a non-square grid, a distilled
+model with a tall grid, no class token (P = 0, average pooling), `no_embed_class` with registers; float64, batch 1 and
+> 1, both backends against the literal port, batched against per-image, and one training step against the reference
+pipeline on a non-square grid."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-import torch.nn as nn
-from helpers_tame import literal_c, random_explainer
-from ttame_ref import AREA_COEFF, CE_COEFF, SMOOTH_COEFF, RefGeneric, area_loss, get_optim, get_schedule
-from utils import assert_structured, make_images, make_vit
+from helpers_tame import random_explainer
+from ports.ttame import RefGeneric, classic_loss_any_grid, get_optim, get_schedule, literal_c
+from utils import assert_structured, explain_on, make_images, make_vit
 
 import vitx_fast as vx
 from vitx_fast.engine.adapter import ViTAdapter
 from vitx_fast.methods.tame.train import _frozen, make_optimizer, make_scheduler, train_step
 
+TAME_BACKENDS = ("reference", "fused")  # the fast path calls no fused op, so there is no cpp / triton backend
 COMBOS = {
     "registers_nonsquare": ("registers", dict(img_size=(24, 40))),  # P = 5, grid 3 x 5
     "distilled_tall": ("distilled", dict(img_size=(40, 24))),  # P = 2, grid 5 x 3
@@ -31,8 +31,9 @@ def _model(name, **kw):
     return make_vit(layout, **overrides, **kw)
 
 
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
 @pytest.mark.parametrize("name", list(COMBOS))
-def test_engine_vs_literal_port_float64(name):
+def test_engine_vs_literal_port_float64(name, backend):
     model = _model(name)
     assert next(model.parameters()).dtype == torch.float64
     ex = random_explainer(model, seed=5)
@@ -41,44 +42,27 @@ def test_engine_vs_literal_port_float64(name):
         images = make_images(model, batch, seed=batch)
         c_ref, labels = literal_c(model, ex, images)
         assert c_ref.dtype == torch.float64
-        for backend in ("reference", "fused"):
-            e = vx.explain(model, images, method="tame", explainer=ex, backend=backend)
-            assert e.maps.dtype == torch.float64 and e.maps.shape == (batch, *grid)
-            assert torch.equal(e.targets, labels)
-            assert_structured(e.maps)
-            torch.testing.assert_close(e.maps, c_ref[torch.arange(batch), labels], rtol=0, atol=1e-10)
-            some = torch.arange(3)[None].expand(batch, -1) % ex.num_classes
-            multi = vx.explain(model, images, method="tame", explainer=ex, target=some, backend=backend)
-            torch.testing.assert_close(multi.maps, c_ref[:, :3], rtol=0, atol=1e-10)
+        e = explain_on(backend, model, images, "tame", must_serve=TAME_BACKENDS, explainer=ex)
+        assert e.maps.dtype == torch.float64 and e.maps.shape == (batch, *grid)
+        assert torch.equal(e.targets, labels)
+        assert_structured(e.maps)
+        torch.testing.assert_close(e.maps, c_ref[torch.arange(batch), labels], rtol=0, atol=1e-10)
+        some = torch.arange(3)[None].expand(batch, -1) % ex.num_classes
+        multi = vx.explain(model, images, method="tame", explainer=ex, target=some, backend=backend)
+        torch.testing.assert_close(multi.maps, c_ref[:, :3], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
 @pytest.mark.parametrize("name", list(COMBOS))
-def test_batched_equals_per_image(name):
+def test_batched_equals_per_image(name, backend):
     model = _model(name)
     ex = random_explainer(model, seed=6)
     images = make_images(model, 3)
-    for backend in ("reference", "fused"):
-        batched = vx.explain(model, images, method="tame", explainer=ex, backend=backend)
-        for i in range(3):
-            single = vx.explain(model, images[i:i + 1], method="tame", explainer=ex, backend=backend)
-            torch.testing.assert_close(batched.maps[i:i + 1], single.maps, rtol=0, atol=1e-12)
-            assert torch.equal(batched.targets[i:i + 1], single.targets)
-
-
-def _smoothness_loss(masks, power=2, border_penalty=0.3):
-    """Arrangement.smoothness_loss with the four border terms summed one by one: identical for square maps, and
-    defined on non-square ones (where the reference's (B, K, w) + (B, K, h) broadcast fails)."""
-    B = masks.size(0)
-    x_loss = torch.sum((torch.abs(masks[:, :, 1:, :] - masks[:, :, :-1, :])) ** power)
-    y_loss = torch.sum((torch.abs(masks[:, :, :, 1:] - masks[:, :, :, :-1])) ** power)
-    border = float(border_penalty) * (torch.sum(masks[:, :, -1, :] ** power) + torch.sum(masks[:, :, 0, :] ** power)
-                                      + torch.sum(masks[:, :, :, -1] ** power) + torch.sum(masks[:, :, :, 0] ** power))
-    return (x_loss + y_loss + border) / float(power * B)
-
-
-def _classic_loss(logits, labels, masks):
-    return (CE_COEFF * nn.CrossEntropyLoss()(logits, labels.long()) + AREA_COEFF * area_loss(masks)
-            + SMOOTH_COEFF * _smoothness_loss(masks))
+    batched = explain_on(backend, model, images, "tame", must_serve=TAME_BACKENDS, explainer=ex)
+    for i in range(3):
+        single = vx.explain(model, images[i:i + 1], method="tame", explainer=ex, backend=backend)
+        torch.testing.assert_close(batched.maps[i:i + 1], single.maps, rtol=0, atol=1e-12)
+        assert torch.equal(batched.targets[i:i + 1], single.targets)
 
 
 @pytest.mark.parametrize("name", ["registers_nonsquare", "no_class_token"])
@@ -100,7 +84,7 @@ def test_training_steps_match_reference_pipeline_nonsquare(name):
         ref.train()
         ref.body.eval()
         logits = ref(x)
-        loss = _classic_loss(logits, ref.labels, ref.get_a())
+        loss = classic_loss_any_grid(logits, ref.labels, ref.get_a())
         optim.zero_grad()
         loss.backward()
         optim.step()
@@ -119,4 +103,4 @@ def test_training_steps_match_reference_pipeline_nonsquare(name):
     ref_state = ref.attn_mech.state_dict()
     for k, v in ex.attn_mech.state_dict().items():
         assert v.dtype == ref_state[k].dtype
-        torch.testing.assert_close(v, ref_state[k], rtol=0, atol=1e-12, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(v, ref_state[k], rtol=0, atol=1e-12, msg=lambda s, k=k: f"{k}: {s}")

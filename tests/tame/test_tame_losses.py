@@ -1,4 +1,4 @@
-"""T-TAME objective and optimisation (specs/ttame.md §4, §7 item 4).
+"""T-TAME objective and optimisation (docs/methods/tame.md §1.4 and §6).
 
 - Area, TV (doubled corners, division by 2B) and CE against hand computations;
 - the B x B "random" map selection and the weighted terms against a literal port of `Arrangement.classic_loss` and
@@ -15,12 +15,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers_tame import random_explainer
-from ttame_ref import RefGeneric, classic_loss, get_optim, get_schedule
+from ports.ttame import RefGeneric, classic_loss, get_optim, get_schedule
 from utils import make_images, make_vit
 
 from vitx_fast.engine.adapter import ViTAdapter
-from vitx_fast.methods.tame.losses import (AREA_COEFF, CE_COEFF, TV_COEFF, area_loss, mask_images, select_maps, tame_loss,
-                                   tv_loss)
+from vitx_fast.methods.tame.losses import (
+    AREA_COEFF,
+    CE_COEFF,
+    TV_COEFF,
+    area_loss,
+    mask_images,
+    select_maps,
+    tame_loss,
+    tv_loss,
+)
 from vitx_fast.methods.tame.train import _frozen, make_optimizer, make_scheduler, train_step
 
 
@@ -76,7 +84,8 @@ def test_random_masking_and_classic_loss_port():
     assert torch.equal(diag, a[torch.arange(B), labels, :, :].unsqueeze(1))
     ref = classic_loss(logits, labels, a[:, labels, :, :])
     mine = tame_loss(logits, labels, sel)
-    for want, got in zip(ref, [mine.total, CE_COEFF * mine.ce, AREA_COEFF * mine.area, TV_COEFF * mine.tv]):
+    terms = [mine.total, CE_COEFF * mine.ce, AREA_COEFF * mine.area, TV_COEFF * mine.tv]
+    for want, got in zip(ref, terms, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
     # the diagonal set is a different objective
     assert not torch.allclose(tame_loss(logits, labels, diag).total, mine.total)
@@ -106,7 +115,7 @@ def _reference_steps(model, ex, batches, total_steps, lr=1e-3):
     losses = []
     for x in batches:
         ref.train()
-        ref.body.eval()  # the backbone runs in eval mode throughout (spec §1)
+        ref.body.eval()  # the backbone runs in eval mode throughout (docs/methods/tame.md §3)
         logits = ref(x)
         loss = classic_loss(logits, ref.labels, ref.get_a())
         optim.zero_grad()
@@ -134,7 +143,7 @@ def test_training_steps_match_reference_pipeline():
     assert losses == pytest.approx(ref_losses, rel=1e-12)
     ref_state = ref_am.state_dict()
     for k, v in ex.attn_mech.state_dict().items():
-        torch.testing.assert_close(v, ref_state[k], rtol=0, atol=1e-12, msg=lambda s: f"{k}: {s}")
+        torch.testing.assert_close(v, ref_state[k], rtol=0, atol=1e-12, msg=lambda s, k=k: f"{k}: {s}")
     moved = (ex.attn_mech.fuser.weight - random_explainer(model, seed=7).attn_mech.fuser.weight).abs().max()
     assert moved > 1e-6  # the steps did change the parameters
     assert all(p.requires_grad for p in model.parameters())  # backbone flags restored

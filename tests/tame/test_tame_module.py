@@ -1,4 +1,4 @@
-"""T-TAME attention mechanism and method (specs/ttame.md §7 items 2, 3 and 7).
+"""T-TAME attention mechanism and method (docs/methods/tame.md §6).
 
 - parameter count of the ViT-B/16 geometry (count only);
 - reference AM (NCHW, eval BN, resize, concat, fuser) vs the fast path (folded BN, token GEMMs, split-K fuser, only the
@@ -12,12 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_tame import literal_c, random_explainer, randomize_am
-from ttame_ref import normalize_min_max
-from utils import LAYOUTS, assert_maps_close, assert_structured, make_images, make_vit
+from helpers_tame import random_explainer, randomize_am
+from ports.metrics_ttame import normalizeMinMax
+from ports.ttame import literal_c
+from utils import LAYOUTS, assert_maps_close, assert_structured, explain_on, make_images, make_vit
 
 import vitx_fast as vx
 from vitx_fast.methods.tame.module import AttentionTAME, fast_scores, fold_batchnorm, tokens_to_grid
+
+TAME_BACKENDS = ("reference", "fused")  # the fast path calls no fused op, so there is no cpp / triton backend
 
 
 def test_parameter_count_vit_b16():
@@ -72,22 +75,22 @@ def test_fold_batchnorm_equals_eval_bn():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
 @pytest.mark.parametrize("fused_attn", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_engine_vs_literal_port(layout, fused_attn):
+def test_engine_vs_literal_port(layout, fused_attn, backend):
     model = make_vit(layout, fused=fused_attn)
     ex = random_explainer(model, seed=3)
     for batch in (1, 3):
         images = make_images(model, batch)
         c_ref, labels = literal_c(model, ex, images)
         want = c_ref[torch.arange(batch), labels]
-        for backend in ("reference", "fused"):
-            e = vx.explain(model, images, method="tame", explainer=ex, backend=backend)
-            assert torch.equal(e.targets, labels)
-            assert e.maps.shape == (batch, *model.patch_embed.grid_size)
-            assert_structured(e.maps)
-            torch.testing.assert_close(e.maps, want, rtol=0, atol=1e-9)  # raw pre-sigmoid c[:, k]
-            assert_maps_close(e.maps, want, atol=1e-6)
+        e = explain_on(backend, model, images, "tame", must_serve=TAME_BACKENDS, explainer=ex)
+        assert torch.equal(e.targets, labels)
+        assert e.maps.shape == (batch, *model.patch_embed.grid_size)
+        assert_structured(e.maps)
+        torch.testing.assert_close(e.maps, want, rtol=0, atol=1e-9)  # raw pre-sigmoid c[:, k]
+        assert_maps_close(e.maps, want, atol=1e-6)
 
 
 def test_inference_map_is_minmax_of_c():
@@ -95,7 +98,7 @@ def test_inference_map_is_minmax_of_c():
     ex = random_explainer(model, seed=1)
     images = make_images(model, 3)
     c_ref, labels = literal_c(model, ex, images)
-    want = normalize_min_max(c_ref[torch.arange(3), labels].unsqueeze(1).clone())[:, 0]  # reference get_c diagonal
+    want = normalizeMinMax(c_ref[torch.arange(3), labels].unsqueeze(1).clone())[:, 0]  # reference get_c diagonal
     e = vx.explain(model, images, method="tame", explainer=ex)
     flat = e.maps.flatten(1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
@@ -103,7 +106,7 @@ def test_inference_map_is_minmax_of_c():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
 def test_target_all_equals_per_class(backend):
     model = make_vit("registers")
     ex = random_explainer(model, seed=2)
@@ -119,7 +122,7 @@ def test_target_all_equals_per_class(backend):
                                rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
 def test_batched_equals_per_image(backend):
     model = make_vit("nonsquare")
     ex = random_explainer(model, seed=4)
@@ -131,17 +134,18 @@ def test_batched_equals_per_image(backend):
         assert torch.equal(batched.targets[i:i + 1], single.targets)
 
 
-def test_float32_agrees_with_float64():
+@pytest.mark.parametrize("backend", TAME_BACKENDS)
+def test_float32_agrees_with_float64(backend):
     m64 = make_vit("plain")
     ex = random_explainer(m64, seed=5)
     images = make_images(m64, 3)
     want = vx.explain(m64, images, method="tame", explainer=ex, backend="reference")
     m32 = make_vit("plain", dtype=torch.float32)
     ex32 = ex.float()  # explainers are cast to the model's dtype at run time either way
-    for backend in ("reference", "fused"):
-        got = vx.explain(m32, images.float(), method="tame", explainer=ex32, backend=backend, target=want.targets)
-        assert got.maps.dtype == torch.float32
-        assert_maps_close(got.maps, want.maps, atol=1e-5)
+    got = explain_on(backend, m32, images.float(), "tame", must_serve=TAME_BACKENDS, explainer=ex32,
+                     target=want.targets)
+    assert got.maps.dtype == torch.float32
+    assert_maps_close(got.maps, want.maps, atol=1e-5)
 
 
 def test_explainer_mode_untouched():

@@ -40,7 +40,7 @@ def test_short_run_lowers_loss(model):
     ex = vx.train_tame(model, x, epochs=5, batch_size=16, lr=1e-2, progress=False)
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
     losses = [h["loss"] for h in ex.info["history"]]
-    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert all(b < a for a, b in zip(losses, losses[1:], strict=False)), losses
     assert losses[-1] < losses[0] - 0.3
     assert ex.info["history"][-1]["acc"] > ex.info["history"][0]["acc"]
     assert not ex.training
@@ -136,8 +136,10 @@ def test_dataset_dataloader_and_folder(model, data, tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):
         (tmp_path / "imgs" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
-    d = vx.train_tame(model, tmp_path / "imgs", epochs=1, batch_size=2, progress=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+        img = Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8))
+        img.save(tmp_path / "imgs" / f"c{i % 2}" / f"{i}.png")
+    d = vx.train_tame(model, tmp_path / "imgs", epochs=1, batch_size=2, progress=False, mean=(0.5,) * 3,
+                      std=(0.25,) * 3)
     assert d.info["training"]["steps_per_epoch"] == 3 and "5 images" in d.info["training"]["data"]
     with pytest.raises(ValueError, match="neither 'bench' nor an image folder"):
         vx.train_tame(model, tmp_path / "missing", epochs=1, progress=False)

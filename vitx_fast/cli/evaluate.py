@@ -11,7 +11,7 @@ def add_parser(sub):
     v.add_argument("--model", default="demo", help="'demo' (bundled) or a timm model name")
     v.add_argument("--checkpoint", help="local weights for --model")
     v.add_argument("--random-weights", action="store_true", help="a timm model without pretrained weights")
-    v.add_argument("--methods", nargs="+", help="methods (default: all)")
+    v.add_argument("--method", "--methods", dest="methods", nargs="+", help="methods (default: all)")
     v.add_argument("--data", default="bundled", help="'bundled' or an ImageNet-style folder with VOC XML boxes")
     v.add_argument("--metrics", nargs="+", default=["localization", "abpc", "adic", "road", "insertion_deletion"])
     v.add_argument("--n", type=int, default=100, help="bundled images per variant")

@@ -8,6 +8,8 @@ def add_parser(sub):
     i = sub.add_parser("info", help="versions, devices, methods and backends")
     i.add_argument("--model", help="also check every method x backend against this model ('demo' or a timm name)")
     i.add_argument("--checkpoint", help="local weights for --model")
+    i.add_argument("--random-weights", action="store_true",
+                   help="accepted for symmetry: info never downloads weights (the layout is what it checks)")
     i.set_defaults(func=cmd_info)
 
 

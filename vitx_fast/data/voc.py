@@ -6,6 +6,13 @@ Layout read by ``load_image_folder``::
     annotations/<stem>.xml                    one VOC XML per image; also accepted: annotations/<class>/<stem>.xml
                                               or <stem>.xml next to the image (annotations=None)
 
+A dataset folder, as ``export_benchmark`` (``vitx data export``) writes it, is also accepted as ``root``; the batch
+job (``vitx explain DIR``) then reads only its images::
+
+    DIR/images/<class>/<stem>.png             the images (class folder = the first object's label)
+    DIR/annotations/<stem>.xml                VOC boxes of every object
+    DIR/masks/<stem>_<k>.png                  object masks (masks=True reads them)
+
 VOC boxes are 1-based inclusive pixel indices (``one_based=True``); they are returned as half-open 0-based
 ``x0, y0, x1, y1`` (x0 = xmin - 1, x1 = xmax), the convention of ``make_benchmark``.
 """
@@ -19,7 +26,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from vitx_fast.data.images import IMAGE_EXTENSIONS
+from vitx_fast.data.images import IMAGE_EXTENSIONS, atomic_write, save_image
+
+
+def dataset_layout(root) -> tuple[str, str, str] | None:
+    """(images, annotations, masks) folders when `root` is a dataset folder (images/ and annotations/ inside),
+    else None."""
+    images, annotations = os.path.join(root, "images"), os.path.join(root, "annotations")
+    if os.path.isdir(images) and os.path.isdir(annotations):
+        return images, annotations, os.path.join(root, "masks")
+    return None
 
 
 class AnnotationError(ValueError):
@@ -99,9 +115,18 @@ def load_image_folder(root, annotations=None, size=None, transform=None, mean=No
     when given. Boxes are scaled from the original (W, H) to the output (W', H'), exact for a plain resize; for
     other transforms use ``boxes_original``. ``masks``: folder of ``<stem>_<k>.png`` object masks (as written by
     ``export_benchmark``), resized with nearest neighbour. Unreadable images are skipped and reported (warning
-    and ``skipped``); a malformed XML raises ``AnnotationError``.
+    and ``skipped``); a malformed XML raises ``AnnotationError``. A dataset folder (``dataset_layout``) as root reads
+    its images/ and annotations/ (and masks/ with ``masks=True``).
     """
     import torch
+
+    layout = dataset_layout(root)
+    if layout is not None:
+        root, found_annotations, found_masks = layout
+        annotations = found_annotations if annotations is None else annotations
+        masks = found_masks if masks is True else masks
+    elif masks is True:
+        raise ValueError(f"{root}: masks=True needs a dataset folder (images/, annotations/, masks/)")
 
     if transform is None and size is None:
         raise ValueError("give size= or transform= (images of a folder may differ in size)")
@@ -131,25 +156,14 @@ def load_image_folder(root, annotations=None, size=None, transform=None, mean=No
                 ann = {"names": [], "boxes": np.zeros((0, 4))}
             else:
                 ann = read_voc_xml(xml, one_based=one_based)
-            if transform is not None:
-                x = transform(im)
-            else:
-                w2, h2 = (size, size) if isinstance(size, int) else tuple(size)
-                x = torch.from_numpy(np.asarray(im.resize((w2, h2), Image.BILINEAR), np.float32) / 255.0)
-                x = x.permute(2, 0, 1)
-                if mean is not None:
-                    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+            x = transform(im) if transform is not None else _resized_tensor(im, size, mean, std)
             h2, w2 = x.shape[-2:]
             scale = np.array([w2 / W, h2 / H, w2 / W, h2 / H])
             out.boxes_original.append(ann["boxes"])
             out.boxes.append(ann["boxes"] * scale)
             out.box_labels.append(np.array([index.get(n, -1) for n in ann["names"]], np.int64))
             if masks:
-                ms = []
-                for k in range(len(ann["names"])):
-                    with Image.open(os.path.join(masks, f"{stem}_{k}.png")) as m:
-                        ms.append(np.asarray(m.convert("L").resize((w2, h2), Image.NEAREST)) > 127)
-                out.masks.append(np.stack(ms) if ms else np.zeros((0, h2, w2), bool))
+                out.masks.append(_object_masks(masks, stem, len(ann["names"]), (w2, h2)))
             images.append(x)
             labels.append(index[cls])
             sizes.append((W, H))
@@ -163,10 +177,26 @@ def load_image_folder(root, annotations=None, size=None, transform=None, mean=No
     return out
 
 
-def _atomic_save_png(img, path):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _resized_tensor(im, size, mean, std):
+    """PIL RGB image -> (3, h, w) float tensor in [0, 1] resized bilinearly to size (int or (w, h)), normalised by
+    mean / std when given."""
+    import torch
+
+    w2, h2 = (size, size) if isinstance(size, int) else tuple(size)
+    x = torch.from_numpy(np.asarray(im.resize((w2, h2), Image.BILINEAR), np.float32) / 255.0).permute(2, 0, 1)
+    if mean is not None:
+        x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return x
+
+
+def _object_masks(folder, stem: str, n: int, size) -> np.ndarray:
+    """The n object masks `<stem>_<k>.png` in `folder`, resized (nearest) to size (w, h): bool (n, h, w)."""
+    w2, h2 = size
+    ms = []
+    for k in range(n):
+        with Image.open(os.path.join(folder, f"{stem}_{k}.png")) as m:
+            ms.append(np.asarray(m.convert("L").resize((w2, h2), Image.NEAREST)) > 127)
+    return np.stack(ms) if ms else np.zeros((0, h2, w2), bool)
 
 
 def _voc_xml(filename, folder, W, H, names, boxes):
@@ -201,14 +231,10 @@ def export_benchmark(out_dir, split="test", n=100, objects=1, seed=0, size=None)
         labels = [str(int(v)) for v in d["labels"][i]]
         name = f"{split}_s{seed}_o{objects}_{i:06d}"
         cls_dir = os.path.join(out_dir, "images", labels[0])
-        _atomic_save_png(Image.fromarray(d["raw"][i]), os.path.join(cls_dir, name + ".png"))
+        save_image(d["raw"][i], os.path.join(cls_dir, name + ".png"))
         for k in range(objects):
-            _atomic_save_png(Image.fromarray(d["masks"][i, k].astype(np.uint8) * 255),
-                             os.path.join(out_dir, "masks", f"{name}_{k}.png"))
+            save_image(d["masks"][i, k].astype(np.uint8) * 255, os.path.join(out_dir, "masks", f"{name}_{k}.png"))
         S = d["raw"].shape[1]
-        xml_path = os.path.join(out_dir, "annotations", name + ".xml")
-        tmp = f"{xml_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(_voc_xml(name + ".png", labels[0], S, S, labels, d["boxes"][i]))
-        os.replace(tmp, xml_path)
+        xml = _voc_xml(name + ".png", labels[0], S, S, labels, d["boxes"][i]).encode()
+        atomic_write(os.path.join(out_dir, "annotations", name + ".xml"), lambda f, xml=xml: f.write(xml))
     return d

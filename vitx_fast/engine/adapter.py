@@ -58,7 +58,7 @@ class AttentionRecord:
     q, k, v: (B, H, T, d), q and k after q_norm / k_norm, q *not* scaled.
     logits: (B, H, T, T) pre-softmax scaled scores, or (B, H, 1, T) when only the CLS row was asked for.
     probs: (B, H, T, T) post-softmax attention (None when not kept).
-    context: (B, T, D) heads merged, before `attn.norm` / gate / proj ("O" of the specs).
+    context: (B, T, D) heads merged, before `attn.norm` / gate / proj ("O" of the method docs).
     out: (B, T, D) output of attn.proj.
     """
 
@@ -127,6 +127,10 @@ class ViTAdapter:
     """
 
     def __init__(self, model: nn.Module):
+        from vitx_fast.engine.architectures import resolve
+
+        # Hugging Face ViT / DeiT / DINOv2 -> their timm twin; known unsupported architectures refused by name
+        model = resolve(model)
         VisionTransformer, Block, Attention, _ = _timm_types()
         if not isinstance(model, nn.Module):
             raise UnsupportedModelError(f"expected a torch.nn.Module (a timm VisionTransformer), got "

@@ -61,3 +61,24 @@ def matrix_chain_plus_identity(mats: list[torch.Tensor]) -> torch.Tensor:
     for m in mats:
         R = R + m @ R
     return R
+
+
+def row_step_plus_identity(r: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """One step r <- r + r M of `row_chain_plus_identity`, for K row vectors per image, from the top block down.
+
+    r: (B, K, T), or None for the first step from r = e_0, which reads only row 0 of M (so the top block's matrix
+    may hold just its pooled rows); m: (B, K, R, T) with R = T (or R >= 1 on the first step). Returns (B, K, T).
+    """
+    if r is None:
+        r = m[..., 0, :].clone()
+        r[..., 0] += 1
+        return r
+    return r + (r.unsqueeze(-2) @ m).squeeze(-2)
+
+
+def row_step(r: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+    """One step r <- r a of `row_chain` for K row vectors per image (None: r = e_0, reading row 0 of a).
+    a: (B, K, T, T) -> (B, K, T)."""
+    if r is None:
+        return a[..., 0, :].clone()
+    return (r.unsqueeze(-2) @ a).squeeze(-2)

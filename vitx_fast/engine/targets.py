@@ -9,7 +9,8 @@ def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: 
     """Return targets (B,) or (B, K), long, on the logits' device.
 
     target: None (top-1 of the logits), an int, a list of B ints, a list of B lists of K ints, a (B,) or (B, K)
-    tensor, or "all" (every class; only for methods that compute all classes in one pass).
+    tensor, "topK" (the K highest logits per image, best first: (B, K); "top1" is the same as None), or "all"
+    (every class; only for methods that compute all classes in one pass).
     """
     num_classes = None if logits is None else logits.shape[-1]
     device = logits.device if logits is not None else torch.device("cpu")
@@ -19,9 +20,15 @@ def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: 
         raise ValueError(f"{method}: target={target!r} was given but the model has no classification head")
     if target is None:
         return logits.argmax(-1)
+    if isinstance(target, str) and target != "all":
+        k = top_k(target)
+        if k is None:
+            raise ValueError(f"{method}: target must be None, an int, a list, a tensor, 'all' or 'topK' (e.g. "
+                             f"'top5'); got {target!r}")
+        if k > num_classes:
+            raise ValueError(f"{method}: target={target!r} asks for {k} classes but the model has {num_classes}")
+        return logits.argmax(-1) if k == 1 else logits.topk(k, dim=-1).indices
     if isinstance(target, str):
-        if target != "all":
-            raise ValueError(f"{method}: target must be None, an int, a list, a tensor or 'all'; got {target!r}")
         if not (multi_ok or class_agnostic):
             raise ValueError(
                 f"{method}: target='all' needs a method that yields every class in one pass (reciprocam, tame); "
@@ -31,12 +38,16 @@ def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: 
     if isinstance(target, bool):
         raise TypeError(f"{method}: target must be a class index, got a bool")
     if isinstance(target, int):
+        if not 0 <= target < num_classes:  # before torch: 2**63 and beyond do not fit an int64
+            raise ValueError(f"{method}: class index {target} out of range for a model with {num_classes} classes")
         t = torch.full((batch,), target, dtype=torch.long, device=device)
     else:
         try:
             t = torch.as_tensor(target, device=device)
-        except Exception as exc:
-            raise TypeError(f"{method}: cannot read target {target!r} as class indices ({exc})") from None
+        except (OverflowError, RuntimeError) as exc:  # ints beyond int64, or ragged lists
+            raise ValueError(f"{method}: cannot read target {_short(target)} as class indices ({exc})") from None
+        except Exception as exc:  # anything else that is not a number: a type problem
+            raise TypeError(f"{method}: cannot read target {_short(target)} as class indices ({exc})") from None
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
             if t.is_floating_point() and torch.equal(t, t.round()):
                 t = t.long()
@@ -61,6 +72,18 @@ def resolve_targets(target, logits: torch.Tensor | None, batch: int, *, method: 
             f"{method}: class index {int(t[bad][0])} out of range for a model with {num_classes} classes"
         )
     return t
+
+
+def _short(obj) -> str:
+    text = repr(obj)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def top_k(target) -> int | None:
+    """'top5' -> 5 (K >= 1); anything else -> None."""
+    if isinstance(target, str) and target.startswith("top") and target[3:].isdigit() and int(target[3:]) >= 1:
+        return int(target[3:])
+    return None
 
 
 def target_columns(targets: torch.Tensor) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vitx_fast.engine import memory
 from vitx_fast.engine.adapter import ViTAdapter
 from vitx_fast.engine.targets import resolve_targets
 
@@ -63,6 +64,15 @@ class Implementation:
     def __call__(self, adapter, images, resolve, opts, kernels=None) -> MethodResult:
         raise NotImplementedError
 
+    def memory_modes(self, adapter: ViTAdapter, tokens: int, opts: dict[str, Any], k: int) -> dict[str, int]:
+        """Bytes per image of working memory by way of running, fastest first (`vitx_fast.engine.memory.choose`
+        picks one and the chunk of images that fits the `memory_budget`); tokens: T, k: targets per image. The
+        chosen mode reaches `__call__` as opts["memory_plan"]. Default: a forward that forms one block's (H, T, T)
+        scores and probabilities, keeps one (T, T) matrix per block and a few (T, T) temporaries (rollout-style
+        methods)."""
+        T, D, H, L = tokens, adapter.embed_dim, adapter.num_heads, adapter.depth
+        return {"default": memory.element_size(adapter.dtype) * T * (10 * D + 3 * H * T + (L + 4) * T)}
+
 
 class ReferenceImplementation(Implementation):
     """The plain PyTorch path. Subclasses write `explain_targets(adapter, images, targets, opts)` for (B,) targets
@@ -74,6 +84,11 @@ class ReferenceImplementation(Implementation):
 
     def __init__(self, method: Method | None = None):
         self.method = method
+
+    def memory_modes(self, adapter, tokens, opts, k):
+        # an autograd graph over unfused blocks: every activation and the (H, T, T) scores and probabilities
+        T, D, H = tokens, adapter.embed_dim, adapter.num_heads
+        return {"reference": memory.element_size(adapter.dtype) * adapter.depth * T * (16 * D + 4 * H * T)}
 
     def explain_targets(self, adapter, images, targets, opts) -> MethodResult:
         raise NotImplementedError
@@ -118,6 +133,8 @@ class Method:
     class_agnostic: ClassVar[bool] = False
     # computes several classes per image in one pass; target="all" allowed
     multi_target: ClassVar[bool] = False
+    # options every method takes (vitx_fast.engine.memory); kept in the resolved options only when given
+    SHARED_OPTIONS: ClassVar[tuple[str, ...]] = ("memory_budget",)
 
     def __init__(self) -> None:
         self.implementations: dict[str, Implementation] = self.make_implementations()
@@ -132,6 +149,8 @@ class Method:
     # -- options
     def resolve_options(self, given: dict[str, Any]) -> dict[str, Any]:
         given = dict(given)
+        budget = given.pop("memory_budget", None)
+        memory.parse_budget(budget, f"{self.name}: memory_budget")
         opts = dict(self.options)
         for preset in self.presets:
             if given.pop(preset, False):
@@ -139,9 +158,11 @@ class Method:
                 opts[preset] = True
         unknown = sorted(set(given) - set(self.options))
         if unknown:
-            valid = sorted(set(self.options) | set(self.presets))
+            valid = sorted(set(self.options) | set(self.presets) | set(self.SHARED_OPTIONS))
             raise TypeError(f"{self.name}: unknown option(s) {unknown}; valid options: {valid}")
         opts.update(given)
+        if budget is not None:
+            opts["memory_budget"] = budget
         for key, allowed in self.choices.items():
             if opts.get(key) not in allowed:
                 raise ValueError(f"{self.name}: {key}={opts.get(key)!r} is not one of {allowed}")

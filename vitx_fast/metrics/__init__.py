@@ -1,4 +1,4 @@
-"""Evaluation metrics of the method papers, exact to specs/metrics.md, batched.
+"""Evaluation metrics of the method papers, batched, exact to the protocols of docs/metrics.md.
 
 Every metric takes batched torch tensors - images (B, C, H, W) normalised as the model expects, maps (B, h, w) raw at
 the token grid or the image size - and returns a dict of per-image tensors (B,) (plus curves) so that callers

@@ -39,7 +39,7 @@ def prepare_maps(maps: torch.Tensor, size, mode: str = "bilinear", order: str = 
                  dtype=None, eps: float = MINMAX_EPS) -> torch.Tensor:
     """(B, h, w) raw maps -> (B, H, W) in [0, 1].
 
-    order="upsample_first" (the spec's default): resize to `size` with `mode` (bilinear: align_corners=False), then
+    order="upsample_first" (the default): resize to `size` with `mode` (bilinear: align_corners=False), then
     per-image min-max (m - min) / (max - min + 1e-12). order="minmax_first": min-max at h x w, then resize (T-TAME and
     vitcam, whose resize of a [0, 1] map may then overshoot slightly with bicubic). A map already at `size` is not
     resized. A constant map becomes 0 everywhere. eps: the min-max denominator's epsilon (T-TAME's maps use 1e-10).

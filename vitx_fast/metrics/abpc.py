@@ -1,4 +1,4 @@
-"""ABPC, area between perturbation curves (AGCAM protocol, `ABPC.py`). Spec: specs/metrics.md section 2.
+"""ABPC, area between perturbation curves (AGCAM protocol, `ABPC.py`). See docs/metrics.md §3.
 
 For frac = i / (steps - 1), k = int(H * W * frac) map pixels are removed: MoRF the top-k of `topk(map + 1, k)`,
 LeRF the top-k of `topk(-map - 1, k)` (ties as torch.topk resolves them, one topk call per step as the reference

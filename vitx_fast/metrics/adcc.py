@@ -1,4 +1,4 @@
-"""ADCC: Average Drop, Coherency, Complexity (Poppi et al. 2021). Spec: specs/metrics.md section 4.
+"""ADCC: Average Drop, Coherency, Complexity (Poppi et al. 2021). See docs/metrics.md §5.
 
 Per image, for the explained class c with s(x) the [0, 1] map and E the explanation image:
   drop = max(0, Y - O) / Y, Y and O the softmax probabilities of c on x and E;

@@ -1,5 +1,5 @@
 """Average Drop / Increase in Confidence (Chattopadhyay et al. 2018) under the three conventions of the papers.
-Spec: specs/metrics.md section 3.
+See docs/metrics.md §4.
 
 Per image, Y = softmax probability of the target on the clean image, O = the same on the explanation image:
 drop = 100 * max(0, Y - O) / Y (0 where Y = 0, T-TAME's nan_to_num), increase = 100 * 1[O > Y] (strict). The
@@ -39,7 +39,7 @@ CLEAN_SCORES = ("target", "top1")
 
 def explanation_maps(maps: torch.Tensor, size, convention: str) -> torch.Tensor:
     """(B, h, w) raw maps -> the (B, H, W) multiplier M of the convention (before T-TAME's quantile masking)."""
-    if convention == "ttame":  # the inference maps of specs/ttame.md §3: min-max with eps 1e-10 (normalizeMinMax)
+    if convention == "ttame":  # T-TAME's inference maps (docs/methods/tame.md §1.3): min-max, eps 1e-10
         return prepare_maps(maps, size, "bilinear", order="minmax_first", eps=TTAME_MINMAX_EPS)
     if convention == "vitcam":
         return prepare_maps(maps, size, "bicubic_pil", order="minmax_first")

@@ -1,5 +1,5 @@
-"""Insertion / deletion AUC (Petsiuk et al. 2018; openvino_xai `InsertionDeletionAUC`). Spec: specs/metrics.md
-section 6.
+"""Insertion / deletion AUC (Petsiuk et al. 2018; openvino_xai `InsertionDeletionAUC`). See docs/metrics.md
+§7.
 
 Pixels of the image-resolution map are ranked by a stable descending sort (ties keep raster order). With S steps,
 n_i = int(i * H * W / S) for i = 0..S. Deletion replaces the top n_i pixels of x by the baseline; insertion copies

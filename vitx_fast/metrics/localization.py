@@ -1,5 +1,5 @@
-"""Localization (AGCAM protocol: `localization.py`, `utils/bounding_box.py`) and the pointing game. Spec:
-specs/metrics.md sections 1 and 7.
+"""Localization (AGCAM protocol: `localization.py`, `utils/bounding_box.py`) and the pointing game. See
+docs/metrics.md §2.
 
 Localization per image: the map, bilinear to the mask size and min-max, is binarised with `map > threshold`
 (strict); every 8-connected foreground component gives its bounding box (x, y, w, h) -> (x, y, x + w, y + h), the

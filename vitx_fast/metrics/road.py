@@ -1,5 +1,5 @@
 """ROAD, RemOve And Debias (Rong et al. 2022): remove a percentage of pixels by the map, impute them with noisy
-linear imputation in the normalised tensor, and score the model on the result. Spec: specs/metrics.md section 5.
+linear imputation in the normalised tensor, and score the model on the result. See docs/metrics.md §6.
 
 Removal (pytorch-grad-cam `RemoveMostRelevantFirst`): the map is bilinear at the input size, min-max. MoRF at p%
 removed: thr = numpy.percentile(map, 100 - p) (linear), keep map < thr, remove the rest (ties at thr are removed, a

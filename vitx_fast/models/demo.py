@@ -26,8 +26,10 @@ def demo_data_config():
     """{"input_size": [3, S, S], "img_size": S, "mean": [3], "std": [3], "classes": ["0".."9"]} of the demo
     model; inputs are RGB in [0, 1] normalised as (x - mean) / std."""
     cfg = _config()
+    # the whole 64 px scene, resized bilinearly: no centre crop (timm's transform would crop 87.5 % without this)
     return {"input_size": list(cfg["input_size"]), "img_size": cfg["arch"]["img_size"], "mean": list(cfg["mean"]),
-            "std": list(cfg["std"]), "classes": list(cfg["classes"])}
+            "std": list(cfg["std"]), "classes": list(cfg["classes"]), "crop_pct": 1.0, "interpolation": "bilinear",
+            "crop_mode": "center"}
 
 
 def load_demo_model(dtype=torch.float32, device="cpu"):

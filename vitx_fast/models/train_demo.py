@@ -158,24 +158,38 @@ def main(argv=None):
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--pool-cache", default=None, help="optional .npz to cache the generated pool")
     args = ap.parse_args(argv)
-
-    from vitx_fast.data.generate import make_benchmark
-
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
+    raw, target = load_pool(args)
+    print(f"pool {raw.shape} in {time.time() - t0:.0f}s", flush=True)
+    train(args, raw, target, t0)
+    print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
+
+
+def load_pool(args) -> tuple[np.ndarray, np.ndarray]:
+    """The generated training pool (raw uint8 (N, 64, 64, 3), soft targets (N, 10)), cached in --pool-cache."""
     if args.pool_cache and os.path.exists(args.pool_cache):
         z = np.load(args.pool_cache)
-        raw, target = z["raw"], z["target"]
-    else:
-        raw, target = build_pool(args.pool1, args.pool2, args.seed, args.workers)
-        if args.pool_cache:
-            np.savez(args.pool_cache, raw=raw, target=target)
-    print(f"pool {raw.shape} in {time.time() - t0:.0f}s", flush=True)
+        return z["raw"], z["target"]
+    raw, target = build_pool(args.pool1, args.pool2, args.seed, args.workers)
+    if args.pool_cache:
+        np.savez(args.pool_cache, raw=raw, target=target)
+    return raw, target
+
+
+def channel_stats(raw: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of a subsample of the pool, in [0, 1], rounded to 4 digits (the model's config)."""
     sample = raw[:: max(1, len(raw) // 5000)].reshape(-1, 3).astype(np.float64) / 255.0
-    mean = [round(float(v), 4) for v in sample.mean(0)]
-    std = [round(float(v), 4) for v in sample.std(0)]
-    m_t, s_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    return [round(float(v), 4) for v in sample.mean(0)], [round(float(v), 4) for v in sample.std(0)]
+
+
+def train(args, raw: np.ndarray, target: np.ndarray, t0: float) -> None:
+    """AdamW with warm-up and cosine decay over --steps batches; evaluates and saves every --eval-every steps."""
+    from vitx_fast.data.generate import make_benchmark
+
+    mean, std = channel_stats(raw)
+    norm = (torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1))
     raw_t = torch.from_numpy(raw).permute(0, 3, 1, 2)  # uint8 view (N, 3, 64, 64)
     target_t = torch.from_numpy(target)
     val = make_benchmark("test", 1000, 1, seed=999, mean=mean, std=std)
@@ -188,26 +202,13 @@ def main(argv=None):
     easy = EasyScenes(gen)
     perm, pos, t1, ema = torch.randperm(len(raw), generator=gen), 0, time.time(), None
     for step in range(args.steps):
-        model.train()
         if pos + args.batch > len(perm):
             perm, pos = torch.randperm(len(raw), generator=gen), 0
         idx = perm[pos:pos + args.batch]
         pos += args.batch
-        x, y = raw_t[idx].float().div_(255.0), target_t[idx]
-        n_easy = int(round(args.batch * max(0.0, 1.0 - step / args.curriculum))) if args.curriculum else 0
-        if n_easy:  # curriculum: replace part of the batch by easy scenes whose difficulty grows
-            xe, ye = easy.sample(n_easy, min(1.0, step / args.curriculum))
-            x, y = torch.cat([xe, x[n_easy:]]), torch.cat([ye, y[n_easy:]])
-        x = _permute_channels(x, gen)
-        x = _shift((x - m_t) / s_t, gen, args.shift)
-        y = y * (1 - args.smoothing) + args.smoothing / 10
-        loss = torch.sum(-y * F.log_softmax(model(x), dim=1), dim=1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        x, y = training_batch(args, step, raw_t[idx].float().div_(255.0), target_t[idx], easy, gen, norm)
+        loss = train_step(model, opt, sched, x, y)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         if (step + 1) % 100 == 0 and (step + 1) % args.eval_every:
             print(f"step {step + 1} loss {ema:.3f} {(time.time() - t1) / (step + 1):.2f}s/step", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -215,7 +216,30 @@ def main(argv=None):
             print(f"step {step + 1} loss {ema:.3f} val_acc {acc:.4f} lr {sched.get_last_lr()[0]:.2e} "
                   f"{(time.time() - t1) / (step + 1):.2f}s/step elapsed {time.time() - t0:.0f}s", flush=True)
             _save(model, args, mean, std, time.time() - t0, step + 1, acc)
-    print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
+
+
+def training_batch(args, step: int, x: torch.Tensor, y: torch.Tensor, easy, gen, norm):
+    """One augmented, normalised batch: curriculum easy scenes first, random channel order, shifts, smoothed labels.
+    x: (b, 3, 64, 64) in [0, 1]; y: (b, 10) soft targets."""
+    n_easy = int(round(args.batch * max(0.0, 1.0 - step / args.curriculum))) if args.curriculum else 0
+    if n_easy:  # curriculum: replace part of the batch by easy scenes whose difficulty grows
+        xe, ye = easy.sample(n_easy, min(1.0, step / args.curriculum))
+        x, y = torch.cat([xe, x[n_easy:]]), torch.cat([ye, y[n_easy:]])
+    x = _permute_channels(x, gen)
+    x = _shift((x - norm[0]) / norm[1], gen, args.shift)
+    return x, y * (1 - args.smoothing) + args.smoothing / 10
+
+
+def train_step(model, opt, sched, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimiser step on soft-target cross-entropy, gradients clipped at norm 1; returns the loss."""
+    model.train()
+    loss = torch.sum(-y * F.log_softmax(model(x), dim=1), dim=1).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def _save(model, args, mean, std, train_time, step, val_acc):

@@ -1,4 +1,4 @@
-"""agcam_epilogue: AGCAM's fused reduce over layers and heads (specs/agcam.md §6). Maths in
+"""agcam_epilogue: AGCAM's fused reduce over layers and heads (docs/methods/agcam.md §5). Maths in
 `vitx_fast.kernels.reference.agcam_epilogue`."""
 from __future__ import annotations
 

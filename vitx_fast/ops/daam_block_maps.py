@@ -1,5 +1,5 @@
-"""daam_block_maps: DAAM's per-block maps without materialising the spatial features (specs/daam.md §4, §7). Maths in
-`vitx_fast.kernels.reference.daam_block_maps`."""
+"""daam_block_maps: DAAM's per-block maps without materialising the spatial features (docs/methods/daam.md §5). Maths
+in `vitx_fast.kernels.reference.daam_block_maps`."""
 from __future__ import annotations
 
 import torch

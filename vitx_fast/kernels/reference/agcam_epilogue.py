@@ -1,4 +1,4 @@
-"""AGCAM's epilogue in plain torch (specs/agcam.md §4 and §6).
+"""AGCAM's epilogue in plain torch (docs/methods/agcam.md §1.2 and §5).
 
 With attention inputs detached, the CLS-row attention gradient of layer l and head h is G[t] = <delta_h, V_h[t]>, with
 delta the gradient at the layer's attention output (before proj) split into heads. The map sums, over layers and heads,

@@ -1,4 +1,4 @@
-"""DAAM's per-block maps in plain torch (specs/daam.md §4, the cheaper exact form, and §7).
+"""DAAM's per-block maps in plain torch (docs/methods/daam.md §1.3 and §5: the cheaper exact form).
 
 With a[h, t] the CLS query's attention probabilities and g the channel coefficients of the block (ReLU'd in supervised
 mode) split into heads, the map of block l is

@@ -1,4 +1,4 @@
-"""Triton backend of agcam_epilogue (specs/agcam.md §6, "one fused reduce kernel writing [B, N]").
+"""Triton backend of agcam_epilogue (docs/methods/agcam.md §5): one fused reduce kernel writing (B, T).
 
     out[b, t] = sum_{l, h} ReLU(<delta[b, l, h], v[b, l, h, t]>) * sigmoid(s[b, l, h, t])
 

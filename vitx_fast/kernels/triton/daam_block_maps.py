@@ -1,5 +1,5 @@
-"""Triton backend of daam_block_maps (specs/daam.md §7, "a batched GEMV ... then the weighted sum over heads and the
-ReLU, writing [B, L, N]").
+"""Triton backend of daam_block_maps (docs/methods/daam.md §5): a batched GEMV, then the weighted sum over heads and
+the ReLU, writing (B, L, T).
 
     out[b, l, t] = ReLU( sum_h a[b, l, h, t] * <v[b, l, h, t], g[b, l, h]> )
 

@@ -1,4 +1,4 @@
-"""Triton backend of masked_variant_attention (specs/reciprocam.md §6, steps 3-5, without qk_norm).
+"""Triton backend of masked_variant_attention (docs/methods/reciprocam.md §5.1, without qk_norm).
 
 Per (image b, variant n, head h), with the A active tokens idx[n] and their weights m[n]:
     s_a = m_a * <q, pk[idx_a]> + <q, bk>        (valid a; -inf for padded slots)

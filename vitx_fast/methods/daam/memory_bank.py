@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MAX_CLASSES = 100_000  # more than ImageNet-22k's classes; bounds the vote's (B, k, classes) buffer
+
 
 class MemoryBank:
     """Training features and labels for the kNN vote.
@@ -29,6 +31,10 @@ class MemoryBank:
             raise ValueError("MemoryBank: the bank is empty")
         if (labels < 0).any():
             raise ValueError("MemoryBank: labels must be >= 0")
+        if int(labels.max()) >= MAX_CLASSES:  # the vote holds one slot per class and neighbour
+            raise ValueError(f"MemoryBank: labels must be < {MAX_CLASSES} (class indices), got {int(labels.max())}")
+        if not torch.isfinite(features).all():
+            raise ValueError("MemoryBank: features hold NaN or inf")
         self.features = features if normalized else F.normalize(features, dim=1, p=2, eps=1e-12)
         self.labels = labels.long()
 
@@ -162,7 +168,8 @@ def contribution_minmax(p: torch.Tensor) -> torch.Tensor:
 
 
 def self_neighbour_weights(f: torch.Tensor) -> torch.Tensor:
-    """Engine fallback without a bank (spec §3.2): the image is its own only neighbour. f: (B, D) -> w (B, D)."""
+    """Engine fallback without a bank (docs/methods/daam.md §1.2): the image is its own only neighbour.
+    f: (B, D) -> w (B, D)."""
     fn = F.normalize(f, dim=1, p=2, eps=1e-12)
     return torch.stack([contribution_minmax(row * row) for row in fn])
 

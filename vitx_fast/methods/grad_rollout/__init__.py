@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from vitx_fast.methods.base import Method
+from vitx_fast.methods.grad_rollout.fast import GradRolloutFast
 from vitx_fast.methods.grad_rollout.reference import GradRolloutReference
 from vitx_fast.methods.registry import register_method
 
@@ -16,7 +17,7 @@ class GradRollout(Method):
     presets = {"jacobgil": {"discard_ratio": 0.9, "pairing": "jacobgil", "renorm": "jacobgil", "grad_wrt": "logits"}}
 
     def make_implementations(self):
-        return {"reference": GradRolloutReference()}
+        return {"reference": GradRolloutReference(), "fast": GradRolloutFast()}
 
     def validate_options(self, opts):
         r = opts["discard_ratio"]

@@ -11,7 +11,7 @@ Reference quirks, each behind an option:
 - `grad_wrt="logits"`: vit-explain takes `grad_input[0]` of a legacy `register_backward_hook` on timm's `attn_drop`.
   In eval mode (and for p = 0) dropout returns its input tensor itself, so the hook lands on the softmax's backward
   node and captures d y / d S for the scaled pre-softmax scores S, not d y / d A. `"probs"` (default) is the d y / d A
-  of the spec; `"logits"` reproduces what vit-explain actually computes on timm models.
+  of the method's definition; `"logits"` reproduces what vit-explain actually computes on timm models.
 """
 from __future__ import annotations
 

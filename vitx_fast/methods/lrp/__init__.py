@@ -6,6 +6,7 @@ import torch.nn as nn
 from vitx_fast.methods.base import Method
 from vitx_fast.methods.lrp.fast import LRPFast
 from vitx_fast.methods.lrp.reference import LRPReference
+from vitx_fast.methods.lrp.rules import precision_reasons
 from vitx_fast.methods.registry import register_method
 
 
@@ -26,7 +27,8 @@ class CheferLRP(Method):
     def not_supported_reasons(self, adapter, opts):
         from timm.layers import Mlp
 
-        reasons = super().not_supported_reasons(adapter, opts) + self.requires_class_token(adapter)
+        reasons = (super().not_supported_reasons(adapter, opts) + self.requires_class_token(adapter)
+                   + precision_reasons(adapter))
         m = adapter.model
         if opts["start_layer"] >= adapter.depth:
             reasons.append(f"start_layer={opts['start_layer']} is out of range for a model with {adapter.depth} blocks")

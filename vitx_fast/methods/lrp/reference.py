@@ -9,11 +9,12 @@ import torch
 from vitx_fast.engine.chains import matrix_chain
 from vitx_fast.methods.base import MethodResult, ReferenceImplementation
 from vitx_fast.methods.gae.reference import attention_grads
-from vitx_fast.methods.lrp.rules import chefer_relprop
+from vitx_fast.methods.lrp.rules import check_precision, chefer_relprop
 
 
 class LRPReference(ReferenceImplementation):
     def explain_targets(self, adapter, images, targets, opts) -> MethodResult:
+        check_precision(adapter)
         s = int(opts["start_layer"])
         if not 0 <= s < adapter.depth:
             raise ValueError(f"lrp: start_layer={s} must be in [0, {adapter.depth})")

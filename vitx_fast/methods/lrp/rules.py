@@ -21,6 +21,32 @@ import torch
 import torch.nn as nn
 
 
+def precision_reasons(adapter) -> list[str]:
+    """LRP refuses float16 / bfloat16 (the model's dtype, or autocast at call time): safe_divide's stabiliser 1e-9
+    is below float16's smallest subnormal (6e-8), so 1e-9 rounds to 0 and zero sums divide to NaN, and the z+ and
+    Add rules divide by sums that bfloat16's 8-bit mantissa resolves so coarsely that maps move by ~0.3 of their
+    range (docs/methods/lrp.md §4)."""
+    from vitx_fast.engine.gradients import reduced_precision
+
+    dt = reduced_precision(adapter)
+    if dt is None:
+        return []
+    how = "the model is" if adapter.dtype == dt else "torch.autocast runs the model in"
+    why = ("float16 rounds to 0 (NaN maps)" if dt == torch.float16
+           else "bfloat16 resolves too coarsely (maps off by ~0.3 of their range)")
+    return [f"{how} {dt}: the relevance rules divide by sums stabilised with 1e-9 (layers_ours.safe_divide), which "
+            f"{why}; run LRP in float32 or float64 (model.float(), outside autocast)"]
+
+
+def check_precision(adapter) -> None:
+    """Raise UnsupportedModelError at call time (autocast may be entered after the plan was made)."""
+    reasons = precision_reasons(adapter)
+    if reasons:
+        from vitx_fast.engine.adapter import UnsupportedModelError
+
+        raise UnsupportedModelError("lrp cannot explain this model: " + "; ".join(reasons))
+
+
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """layers_ours.safe_divide, literally: a / (b + 1e-9), 0 where b == 0."""
     den = b.clamp(min=1e-9) + b.clamp(max=1e-9)

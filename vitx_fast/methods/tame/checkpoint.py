@@ -99,6 +99,9 @@ def not_supported_reasons(explainer, model, check_weights: bool = True) -> list[
     if diff:
         return ["the T-TAME explainer was trained on a different backbone architecture (" + "; ".join(diff) +
                 "); train one for this model with `vitx train-tame` / vitx_fast.train_tame"]
+    depth = len(getattr(model, "blocks", ()))
+    if max(explainer.layers) >= depth:
+        return [f"the T-TAME explainer reads blocks {explainer.layers}, but the model has {depth} blocks"]
     if check_weights and want.get("weights_sha256") != weights_hash(model):
         return [f"the model's weights differ from the frozen backbone the T-TAME explainer was trained on "
                 f"(weights sha256 {weights_hash(model)[:12]}… vs {str(want.get('weights_sha256'))[:12]}…); an AM is "
@@ -182,28 +185,86 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     if len(meta["layers"]) != len(meta["dims"]) or not meta["layers"] or len(meta["grid"]) != 2:
         raise TameCheckpointError(f"{path}: inconsistent metadata: layers {meta['layers']}, dims {meta['dims']}, "
                                   f"grid {meta['grid']}")
+    _check_limits(meta, path)
+    _check_tensors(tensors, meta, path)
     return tensors, meta
 
 
-def explainer_from(tensors: dict, meta: dict, path="checkpoint"):
-    """Build a TAMEExplainer from read_checkpoint's output; checks every AM tensor's presence and shape."""
-    from vitx_fast.methods.tame.module import TAMEExplainer
+# sane bounds for metadata values, checked before anything is allocated
+LIMITS = {"layers": (0, 4095), "dims": (1, 65536), "grid": (1, 4096), "num_prefix_tokens": (0, 1024),
+          "num_classes": (1, 1_000_000)}
 
-    ex = TAMEExplainer(meta["dims"], meta["num_classes"], meta["layers"], tuple(meta["grid"]),
-                       meta["num_prefix_tokens"], backbone=meta["backbone"], info=meta.get("info") or {})
-    expected = ex.attn_mech.state_dict()
+
+def _check_limits(meta: dict, path) -> None:
+    def ints(key, values):
+        lo, hi = LIMITS[key]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise TameCheckpointError(f"{path}: metadata field {key!r} must hold ints in [{lo}, {hi}], got "
+                                          f"{str(meta[key])[:80]}")
+
+    for key in ("layers", "dims", "grid"):
+        ints(key, meta[key])
+    ints("num_prefix_tokens", [meta["num_prefix_tokens"]])
+    ints("num_classes", [meta["num_classes"]])
+    if len(set(meta["layers"])) != len(meta["layers"]):
+        raise TameCheckpointError(f"{path}: metadata field 'layers' repeats a block: {meta['layers']}")
+    depth = (meta["backbone"].get("arch") or {}).get("depth")
+    if isinstance(depth, int) and max(meta["layers"]) >= depth:
+        raise TameCheckpointError(f"{path}: feature layers {meta['layers']} do not exist in the recorded backbone "
+                                  f"({depth} blocks)")
+
+
+def _expected_shapes(meta: dict) -> dict[str, tuple]:
+    """The AM's state-dict shapes that the metadata implies (AttentionTAME: convs.i, bns.i, fuser)."""
+    shapes = {}
+    for i, d in enumerate(meta["dims"]):
+        shapes[f"convs.{i}.weight"], shapes[f"convs.{i}.bias"] = (d, d, 1, 1), (d,)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"bns.{i}.{name}"] = (d,)
+        shapes[f"bns.{i}.num_batches_tracked"] = ()
+    shapes["fuser.weight"] = (meta["num_classes"], sum(meta["dims"]), 1, 1)
+    shapes["fuser.bias"] = (meta["num_classes"],)
+    return shapes
+
+
+def _check_tensors(tensors: dict, meta: dict, path) -> None:
+    """Every AM tensor present, with the shape the metadata implies and a float dtype; nothing else under attn_mech."""
+    expected = _expected_shapes(meta)
     got = {k[len("attn_mech."):]: v for k, v in tensors.items() if k.startswith("attn_mech.")}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     if missing or unexpected:
         raise TameCheckpointError(f"{path}: AM tensors do not match the metadata (missing {missing[:4]}, "
                                   f"unexpected {unexpected[:4]})")
-    for k, v in expected.items():
-        if tuple(got[k].shape) != tuple(v.shape):
-            raise TameCheckpointError(f"{path}: tensor attn_mech.{k} has shape {tuple(got[k].shape)}, the metadata "
-                                      f"(dims {meta['dims']}, {meta['num_classes']} classes) implies {tuple(v.shape)}")
-        if got[k].is_floating_point() and not torch.isfinite(got[k]).all():
+    dtypes = set()
+    for k, shape in expected.items():
+        t = got[k]
+        if tuple(t.shape) != shape:
+            raise TameCheckpointError(f"{path}: tensor attn_mech.{k} has shape {tuple(t.shape)}, the metadata "
+                                      f"(dims {meta['dims']}, {meta['num_classes']} classes) implies {shape}")
+        if k.endswith("num_batches_tracked"):
+            continue
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TameCheckpointError(f"{path}: tensor attn_mech.{k} is {str(t.dtype).removeprefix('torch.')}; T-TAME "
+                                      "checkpoints hold float32 or float64 weights")
+        dtypes.add(t.dtype)
+    if len(dtypes) > 1:
+        raise TameCheckpointError(f"{path}: the AM tensors mix dtypes {sorted(map(str, dtypes))}")
+
+
+def explainer_from(tensors: dict, meta: dict, path="checkpoint"):
+    """Build a TAMEExplainer from read_checkpoint's output; checks every AM tensor's presence and shape."""
+    from vitx_fast.methods.tame.module import TAMEExplainer
+
+    _check_limits(meta, path)
+    _check_tensors(tensors, meta, path)  # before the module is built: its size is what the tensors prove
+    got = {k[len("attn_mech."):]: v for k, v in tensors.items() if k.startswith("attn_mech.")}
+    for k, t in got.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise TameCheckpointError(f"{path}: tensor attn_mech.{k} holds NaN or inf")
+    ex = TAMEExplainer(meta["dims"], meta["num_classes"], meta["layers"], tuple(meta["grid"]),
+                       meta["num_prefix_tokens"], backbone=meta["backbone"], info=meta.get("info") or {})
     dtype = got["fuser.weight"].dtype
     ex = ex.to(dtype)
     ex.attn_mech.load_state_dict(got, strict=True)

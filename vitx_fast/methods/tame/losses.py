@@ -1,4 +1,4 @@
-"""T-TAME training objective (specs/ttame.md §4; the reference `Arrangement.classic_loss`).
+"""T-TAME training objective (docs/methods/tame.md §1.4; the reference `Arrangement.classic_loss`).
 
 Loss = 1.5 CE + 2 Area + 0.01 TV on the B x B "random" map set A = a[:, y] (every image's maps for all batch labels).
 """

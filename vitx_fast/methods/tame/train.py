@@ -1,4 +1,4 @@
-"""Train a T-TAME attention mechanism on a frozen timm ViT (specs/ttame.md §4).
+"""Train a T-TAME attention mechanism on a frozen timm ViT (docs/methods/tame.md §1.4).
 
 Per batch: one no-grad backbone pass gives the norm1 features and the logits; y = argmax(logits) (dataset labels are
 ignored); the AM (BN in training mode) gives a = sigmoid(c); the masked image up(a[i, y_i]) * x_i goes through the
@@ -12,6 +12,7 @@ checkpoint of the AM, optimizer, scheduler and RNG states, so `resume=True` repr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -28,6 +29,7 @@ from vitx_fast.methods.tame.losses import MASKINGS, mask_images, select_maps, ta
 from vitx_fast.methods.tame.module import TAMEExplainer, capture_features, resolve_layers
 
 FINAL_NAME = "tame.safetensors"
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ optimiser, schedule
@@ -50,7 +52,7 @@ def make_scheduler(opt: torch.optim.Optimizer, max_lr: float, total_steps: int):
 
 # ------------------------------------------------------------------------------------------ data
 class ImageFolderData(torch.utils.data.Dataset):
-    """Every image under `root` (recursive), labels ignored; the spec's train transform at the model's size:
+    """Every image under `root` (recursive), labels ignored; the authors' train transform at the model's size:
     Resize(S / crop_pct), RandomCrop(S), RandomHorizontalFlip, ToTensor, Normalize(mean, std)."""
 
     def __init__(self, root, size: tuple[int, int], mean, std, crop_pct: float = 0.875, augment: bool = True):
@@ -289,16 +291,9 @@ def train_tame(model, data="bench", *, epochs: int = 8, batch_size: int = 32, lr
         sched = make_scheduler(opt, lr, epochs * steps)
         start, step, history = 0, 0, []
         if resume and last is not None:
-            start, step, old, history = load_training_state(last, ex, opt, sched)
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            if diff:
-                raise ValueError(f"cannot resume from {last}: the configuration changed "
-                                 + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
-            reasons = ckpt.not_supported_reasons(ex, model)
-            if reasons:
-                raise ckpt.BackboneMismatchError(f"cannot resume from {last}: " + "; ".join(reasons))
+            start, step, history = _resume(last, ex, opt, sched, config, model)
             if progress:
-                print(f"resuming from {last.name} (epoch {start}/{epochs})")
+                log.info("resuming from %s (epoch %d/%d)", last.name, start, epochs)
         ex.info = {"training": config, "history": history}
         with adapter.session(), _frozen(model):
             for epoch in range(start, epochs):
@@ -312,9 +307,7 @@ def train_tame(model, data="bench", *, epochs: int = 8, batch_size: int = 32, lr
                 if out is not None:
                     save_training_state(epoch_path(out, epoch + 1), ex, opt, sched, epoch + 1, step, config, history)
                 if progress:
-                    print(f"epoch {epoch + 1}/{epochs}: loss {stats['loss']:.4f} (ce {stats['ce']:.4f}, "
-                          f"area {stats['area']:.4f}, tv {stats['tv']:.4f}), masked acc {stats['acc']:.3f}, "
-                          f"{stats['seconds']:.0f}s")
+                    log.info(_epoch_line(epoch + 1, epochs, stats))
                 if on_epoch_end is not None:
                     on_epoch_end(epoch + 1, stats)
         ex.info = {"training": config, "history": history}
@@ -322,6 +315,25 @@ def train_tame(model, data="bench", *, epochs: int = 8, batch_size: int = 32, lr
     if out is not None:
         ckpt.save_explainer(out / FINAL_NAME, ex)
     return ex
+
+
+def _resume(last: Path, ex, opt, sched, config: dict, model) -> tuple[int, int, list]:
+    """Load a training checkpoint into (ex, opt, sched); refuse a changed configuration or another backbone.
+    Returns (epochs done, steps done, history)."""
+    start, step, old, history = load_training_state(last, ex, opt, sched)
+    diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"cannot resume from {last}: the configuration changed "
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
+    reasons = ckpt.not_supported_reasons(ex, model)
+    if reasons:
+        raise ckpt.BackboneMismatchError(f"cannot resume from {last}: " + "; ".join(reasons))
+    return start, step, history
+
+
+def _epoch_line(epoch: int, epochs: int, stats: dict) -> str:
+    return (f"epoch {epoch}/{epochs}: loss {stats['loss']:.4f} (ce {stats['ce']:.4f}, area {stats['area']:.4f}, "
+            f"tv {stats['tv']:.4f}), masked acc {stats['acc']:.3f}, {stats['seconds']:.0f}s")
 
 
 def _run_epoch(adapter, ex, opt, sched, batches, epoch_seed, layers, masking, device, dtype, progress, desc) -> dict:

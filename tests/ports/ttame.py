@@ -1,16 +1,22 @@
-"""Literal ports of the authors' T-TAME code (IDT-ITI/T-TAME, src/tame/...), generalised only where the spec says so
-(P prefix rows and the model's (h, w) grid instead of 1 CLS row and 14 x 14; image size instead of 224).
+"""Ports of the authors' T-TAME code, IDT-ITI/T-TAME `src/tame/...` (docs/methods/tame.md §3), generalised only where
+docs/methods/tame.md §3 says so (P prefix rows and the model's (h, w) grid instead of 1 CLS row and 14 x 14; image
+size instead of 224). The metric ports of `src/tame/metrics.py` are in tests/ports/metrics_ttame.py.
 
 - `RefAttentionTAME`: attention/tame.py AttentionTAME (resize to (min(h, 56), min(w, 56)); the reference's is square).
 - `ref_preprocess`: attention/factory.py PreprocessSeq.forward_vit_b_16.
 - `RefGeneric`: composite_models.py Generic with "new" train policy, features by forward hooks on blocks[i].norm1 of
-  an unfused timm model (spec §1: "In timm this is a forward hook on blocks[i].norm1"), get_a / get_c.
-- `classic_loss`, `smoothness_loss`, `area_loss`: attention/arrangement.py Arrangement.
+  an unfused timm model (docs/methods/tame.md §1.1: in timm the FX node `ln` is a forward hook on blocks[i].norm1),
+  get_a / get_c.
+- `classic_loss`, `smoothness_loss`, `area_loss`: attention/arrangement.py Arrangement. `smoothness_loss_any_grid`,
+  `classic_loss_any_grid`: the same with the four border terms summed one by one (identical for square maps, defined
+  on non-square ones, where the reference's (B, K, w) + (B, K, h) broadcast fails).
 - `get_optim`, `get_schedule`: model_prep.py (optimizer_type "SGD", schedule_type "equal").
-- `normalize_min_max`: metrics.py normalizeMinMax.
+- `literal_c`: the test driver (norm1 hooks on an unfused deep copy, PreprocessSeq, AttentionTAME in eval with an
+  explainer's weights).
 """
 from __future__ import annotations
 
+import copy
 from typing import List
 
 import torch
@@ -175,12 +181,33 @@ def get_schedule(optimizer, currect_epoch, lr, epochs, total_steps, steps_per_ep
     )
 
 
-def normalize_min_max(cam_maps):
-    cam_map_mins = cam_maps
-    cam_map_maxs = cam_maps
-    for _ in range(0, 3):
-        cam_map_mins, _ = cam_map_mins.min(dim=-1)
-        cam_map_maxs, _ = cam_map_maxs.max(dim=-1)
-    cam_maps -= cam_map_mins.view(-1, 1, 1, 1)
-    cam_maps /= (cam_map_maxs - cam_map_mins + 1e-10).view(-1, 1, 1, 1)
-    return cam_maps
+def smoothness_loss_any_grid(masks, power=2, border_penalty=0.3):
+    """Arrangement.smoothness_loss with the four border terms summed one by one: identical for square maps, and
+    defined on non-square ones (where the reference's (B, K, w) + (B, K, h) broadcast fails)."""
+    B = masks.size(0)
+    x_loss = torch.sum((torch.abs(masks[:, :, 1:, :] - masks[:, :, :-1, :])) ** power)
+    y_loss = torch.sum((torch.abs(masks[:, :, :, 1:] - masks[:, :, :, :-1])) ** power)
+    border = float(border_penalty) * (torch.sum(masks[:, :, -1, :] ** power) + torch.sum(masks[:, :, 0, :] ** power)
+                                      + torch.sum(masks[:, :, :, -1] ** power) + torch.sum(masks[:, :, :, 0] ** power))
+    return (x_loss + y_loss + border) / float(power * B)
+
+
+def classic_loss_any_grid(logits, labels, masks):
+    return (CE_COEFF * nn.CrossEntropyLoss()(logits, labels.long()) + AREA_COEFF * area_loss(masks)
+            + SMOOTH_COEFF * smoothness_loss_any_grid(masks))
+
+
+def literal_c(model, explainer, images) -> torch.Tensor:
+    """c (B, C, h', w') from the literal port: norm1 forward hooks on an unfused deep copy, PreprocessSeq, the
+    reference AttentionTAME in eval with the explainer's weights."""
+    m = copy.deepcopy(model).eval()
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    grid = tuple(m.patch_embed.grid_size)
+    ref = RefGeneric(m, explainer.layers, m.num_prefix_tokens, grid, explainer.num_classes, masking="diagonal")
+    ref.attn_mech.load_state_dict(explainer.attn_mech.state_dict())
+    ref = ref.to(images.dtype).eval()
+    with torch.no_grad():
+        ref(images)
+    return ref.c, ref.labels
