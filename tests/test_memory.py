@@ -8,20 +8,30 @@ import pytest
 from utils import AUTO_FAST_BACKEND
 
 SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from timm.models.vision_transformer import VisionTransformer
     import vitx_fast as vx
 
+    def status_mb(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    def reset_peak():
+        # Linux: "5" resets the peak RSS (VmHWM) to the current RSS, so an earlier spike cannot hide a later peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
     def rss_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return status_mb("VmHWM")
 
     # 512 px, patch 16: N = 1024 patches, T = 1025 tokens; tiny width so that only the token-count terms matter
     model = VisionTransformer(img_size=512, patch_size=16, embed_dim=16, depth=2, num_heads=2, num_classes=5).eval()
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():
         model(x)  # warm-up: one plain forward sets the baseline
+    reset_peak()
     base = rss_mb()
     exp = vx.explain(model, x, method="reciprocam", target="all")
     assert exp.maps.shape == (1, 5, 32, 32)
@@ -52,17 +62,26 @@ def test_reciprocam_fast_path_memory_and_release():
 
 
 # ------------------------------------------------------------------------------ memory budget, per method
-# One fresh process per run: peak RSS (ru_maxrss) only grows. A tiny width with many tokens (T = 401) so that the
+# One fresh process per method; the peak RSS (VmHWM) is reset before each measured call. A tiny width with many tokens (T = 401) so that the
 # (T, T) and per-token terms dominate; 32 images.
 BUDGET_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     import torch
     torch.set_num_threads(1)
     from timm.models.vision_transformer import VisionTransformer
     import vitx_fast as vx
 
+    def status_mb(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+    def reset_peak():
+        # Linux: "5" resets the peak RSS (VmHWM) to the current RSS, so an earlier spike cannot hide a later peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
     def rss_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return status_mb("VmHWM")
 
     method, budgets = sys.argv[1], sys.argv[2:]
     torch.manual_seed(0)
@@ -70,12 +89,14 @@ BUDGET_SCRIPT = textwrap.dedent("""
     x = torch.randn(32, 3, 160, 160)
     with torch.no_grad():
         model(x[:1])
-    base = rss_mb()  # the process with the model loaded
+    reset_peak()
+    base = status_mb("VmRSS")  # the process with the model loaded
     with torch.inference_mode():
         model(x)
     forward = rss_mb()  # the peak of a plain forward of the batch
     runs = []
-    for budget in budgets:  # in the given order: a later peak includes the earlier ones
+    for budget in budgets:
+        reset_peak()
         kw = {} if budget == "default" else {"memory_budget": budget}
         if method == "tame":
             from vitx_fast.methods.tame.module import TAMEExplainer
