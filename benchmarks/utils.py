@@ -31,15 +31,18 @@ def _quantiles(times: list[float]) -> dict[str, float]:
 
 
 def bench(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep: int = 15) -> dict[str, float]:
-    """Wall time of `fn()` in ms: median (p50) and the 20th/80th percentiles over `rep` runs after `warmup` runs."""
+    """Wall time of `fn()` in ms: median (p50) and the 20th/80th percentiles over `rep` runs after `warmup` (>= 1)
+    untimed runs."""
     return bench_interleaved({"fn": fn}, device, warmup, rep)["fn"]
 
 
 def bench_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 3,
                       rep: int = 15) -> dict[str, dict[str, float]]:
     """Like `bench` for several functions, run in alternation (a, b, c, a, b, c, ...): on a machine shared with other
-    jobs, every contender then sees the same background load, which sequential runs do not guarantee."""
-    for _ in range(warmup):
+    jobs, every contender then sees the same background load, which sequential runs do not guarantee. Every function
+    is warmed up at least once (`warmup` 0 still runs one untimed round): a first call pays allocation and lazy
+    initialisation, and timing it would skew every ratio."""
+    for _ in range(max(1, warmup)):
         for fn in fns.values():
             fn()
     _sync(device)

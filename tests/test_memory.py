@@ -62,8 +62,8 @@ def test_reciprocam_fast_path_memory_and_release():
 
 
 # ------------------------------------------------------------------------------ memory budget, per method
-# One fresh process per method; the peak RSS (VmHWM) is reset before each measured call. A tiny width with many tokens (T = 401) so that the
-# (T, T) and per-token terms dominate; 32 images.
+# One fresh process per method; the peak RSS (VmHWM) is reset before each measured call. A tiny width with many
+# tokens (T = 401) so that the (T, T) and per-token terms dominate; 32 images.
 BUDGET_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
