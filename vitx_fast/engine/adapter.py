@@ -3,12 +3,15 @@
 The engine never patches or hooks the user's model. It re-runs the model's own forward block by block, calling the
 model's modules (patch_embed, _pos_embed, norms, qkv, proj, mlp, head) and computing only the attention core itself, so
 that every method sees the attention logits, probabilities, values and per-block states it needs. Fused (SDPA) and
-unfused timm models therefore give the same captures. The only state touched is `model.training`, restored on exit.
+unfused timm models therefore give the same captures. The only state touched is `model.training`, restored on exit;
+one lock per model serialises the sessions on it.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -105,6 +108,19 @@ class ForwardRecord:
             blocks.append(blk)
         return ForwardRecord(tokens=self.tokens.detach(), blocks=blocks, final=self.final.detach(),
                              output=self.output.detach())
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> RLock
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serialises explanations (`ViTAdapter.session`) on one model; re-entrant for nested sessions."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
 
 
 def _timm_types():
@@ -212,10 +228,35 @@ class ViTAdapter:
             distilled=self.distilled,
         )
 
+    def check_parameters(self) -> None:
+        """Refuse a model whose parameters and floating buffers are not on one device with one dtype, or hold no
+        data (meta device). Nothing is computed."""
+        tensors = [*self.model.named_parameters(), *((n, b) for n, b in self.model.named_buffers()
+                                                     if b.is_floating_point())]
+        devices = {t.device for _, t in tensors}
+        if any(d.type == "meta" for d in devices):
+            name = next(n for n, t in tensors if t.is_meta)
+            raise ValueError(f"the model's parameters are on the meta device (shapes only, no data; e.g. {name}): "
+                             "load its weights (e.g. model.to_empty(device='cpu') then load_state_dict) first")
+        if len(devices) > 1:
+            name, t = next((n, t) for n, t in tensors if t.device != self.device)
+            raise ValueError(f"the model is on several devices ({', '.join(sorted(map(str, devices)))}; {name} is on "
+                             f"{t.device}): move the whole model with model.to(device)")
+        dtypes = {t.dtype for _, t in tensors}
+        if len(dtypes) > 1:
+            name, t = next((n, t) for n, t in tensors if t.dtype != self.dtype)
+            raise ValueError(f"the model has parameters of several dtypes ({', '.join(sorted(map(str, dtypes)))}; "
+                             f"{name} is {t.dtype}): convert the whole model with model.to(dtype)")
+
     def check_images(self, images) -> torch.Tensor:
-        """Validate a (B, 3, H, W) batch and return it on the model's device and dtype."""
+        """Validate a (B, 3, H, W) batch on the model's device; return it in the model's dtype."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        if images.device.type == "meta":
+            raise ValueError("images are on the meta device (shapes only, no data); pass a tensor holding pixels")
+        if images.device != self.device:
+            raise ValueError(f"images are on device {images.device} but the model is on {self.device}; move them "
+                             f"first: images.to({str(self.device)!r})")
         if images.dim() == 3:
             raise ValueError(
                 f"images must have shape (B, C, H, W); got {tuple(images.shape)} (add a batch dimension: images[None])"
@@ -248,19 +289,21 @@ class ViTAdapter:
             )
         if not torch.isfinite(images).all():
             raise ValueError("images contain NaN or inf values")
-        return images.to(device=self.device, dtype=self.dtype)
+        return images.to(dtype=self.dtype)
 
     # ------------------------------------------------------------------ forward pieces
     @contextlib.contextmanager
     def session(self) -> Iterator[ViTAdapter]:
-        """Eval mode for the duration of a call; the model's training flags are restored afterwards, also on error."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            self.model.eval()
-            yield self
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        """Eval mode for the duration of a call; the model's training flags are restored afterwards, also on error.
+        Holds the model's lock (`model_lock`): concurrent sessions on one model run one after the other."""
+        with model_lock(self.model):
+            modes = [(m, m.training) for m in self.model.modules()]
+            try:
+                self.model.eval()
+                yield self
+            finally:
+                for m, mode in modes:
+                    m.training = mode
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, T, D): patch embedding, prefix tokens, position embedding, norm_pre."""

@@ -15,16 +15,21 @@ def targets_per_image(target, num_classes: int, class_agnostic: bool = False) ->
         return 1
     if isinstance(target, str):
         return num_classes if target == "all" else (top_k(target) or 1)
-    if isinstance(target, torch.Tensor):
-        return int(target.shape[1]) if target.dim() == 2 else 1
-    if isinstance(target, (list, tuple)) and target and isinstance(target[0], (list, tuple)):
+    shape = getattr(target, "shape", None)  # tensors, numpy arrays
+    if shape is not None:
+        return int(shape[1]) if len(shape) == 2 else 1
+    if per_image_target(target) and len(target) and hasattr(target[0], "__len__") and not isinstance(target[0], str):
         return len(target[0])
     return 1
 
 
 def per_image_target(target) -> bool:
-    """True when `target` lists classes per image (a list or a tensor with a batch dimension): chunks slice it."""
-    return isinstance(target, (list, tuple)) or (isinstance(target, torch.Tensor) and target.dim() >= 1)
+    """True when `target` lists classes per image (a list, tuple, range, tensor or numpy array with a batch
+    dimension): chunks slice it."""
+    if isinstance(target, (str, bytes)):
+        return False
+    ndim = getattr(target, "ndim", None)  # tensors, numpy arrays and scalars
+    return ndim >= 1 if isinstance(ndim, int) else isinstance(target, Sequence)
 
 
 def spans(batch: int, chunk: int) -> list[tuple[int, int]]:

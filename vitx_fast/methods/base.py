@@ -172,13 +172,17 @@ class Method:
     def validate_options(self, opts: dict[str, Any]) -> None:
         """Extra checks on resolved options (ranges etc.); raise ValueError."""
 
+    MAX_UPSAMPLE: ClassVar[int] = 16384  # pixels per side; beyond it the map alone would take gigabytes
+
     def check_upsample(self, up) -> None:
-        """An `upsample` option: None, a positive int or an (H, W) pair of positive ints."""
+        """An `upsample` option: None, a positive int or an (H, W) pair of positive ints, each <= MAX_UPSAMPLE."""
         if up is not None:
             pair = isinstance(up, (tuple, list)) and len(up) == 2
             sizes = (up,) if isinstance(up, int) else tuple(up) if pair else ()
             if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes):
                 raise ValueError(f"{self.name}: upsample must be None, a positive int or (H, W), got {up!r}")
+            if max(sizes) > self.MAX_UPSAMPLE:
+                raise ValueError(f"{self.name}: upsample={up!r} exceeds {self.MAX_UPSAMPLE} pixels per side")
 
     def check_target(self, target, opts: dict[str, Any]) -> None:
         """Reject a `target` argument this method cannot honour (raise ValueError)."""
