@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-deps
 PYTEST_ARGS ?=
 
-.PHONY: all venv test lint demo bench browser clean-venv
+.PHONY: all venv test lint demo bench browser wheel-test clean-venv
 
 all: test
 
@@ -39,6 +39,10 @@ browser:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vitx_fast tests benchmarks
+
+# the wheel as a user installs it: built, installed without extras into a fresh venv, `vitx` run outside the tree
+wheel-test: $(STAMP)
+	PY=$(abspath $(PY)) bash tests/wheel/check_wheel.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/vitx demo --out gallery

@@ -67,7 +67,7 @@ def per_image_loop(files, model_name: str, random_weights: bool, method: str, ou
         exp = vx.explain(model, x, method=method)
         arrays[method] = exp.maps[0].detach().float().cpu().numpy()
         arrays[f"{method}_targets"] = exp.targets[0].cpu().numpy()
-        ov = viz.overlay(shown, exp.maps[0])
+        ov = np.asarray(vx.overlay(shown, exp.maps[0])[0])
         viz.save_png(ov, out / f"{f.stem}_{method}.png")
         tiles.append(ov)
         labels.append(f"{method} c={int(exp.targets.flatten()[0])}")

@@ -22,7 +22,7 @@ def test_list_methods_has_all():
     (torch.randn(3, 32, 32, dtype=torch.float64), "add a batch dimension"),
     (torch.randn(1, 1, 32, 32, dtype=torch.float64), "1 channels but the model expects 3"),
     (torch.randn(1, 3, 48, 48, dtype=torch.float64), "does not match the model's input size"),
-    (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float tensor"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.int64), "float tensor"),
     (torch.zeros(0, 3, 32, 32, dtype=torch.float64), "empty batch"),
 ])
 def test_bad_images(model, images, match):

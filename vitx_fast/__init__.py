@@ -3,6 +3,7 @@ from vitx_fast.api import explain, not_supported_reasons
 from vitx_fast.engine.adapter import UnsupportedModelError, ViTAdapter
 from vitx_fast.engine.backends import get_backend, list_backends, set_backend
 from vitx_fast.explanation import Explanation
+from vitx_fast.imaging import overlay, preprocess
 from vitx_fast.jobs.read import read_errors, read_results
 from vitx_fast.methods import get_method, list_methods
 from vitx_fast.methods.daam.memory_bank import MemoryBank
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Explanation", "MemoryBank", "UnsupportedModelError", "ViTAdapter", "__version__", "explain", "export_onnx",
     "get_backend", "get_method", "list_backends", "list_methods", "load_tame", "normalize", "not_supported_reasons",
-    "read_errors", "read_results", "set_backend", "train_tame", "upsample",
+    "overlay", "preprocess", "read_errors", "read_results", "set_backend", "train_tame", "upsample",
 ]

@@ -27,6 +27,7 @@ def build_gallery(out: Path, n_single: int = 4, n_double: int = 2, quiet: bool =
     import vitx_fast as vx
     from vitx_fast import viz
     from vitx_fast.data import make_benchmark
+    from vitx_fast.imaging import blend
     from vitx_fast.models.demo import load_demo_model
 
     out = Path(out)
@@ -65,7 +66,7 @@ def build_gallery(out: Path, n_single: int = 4, n_double: int = 2, quiet: bool =
                 cls = int(targets[i, j])
                 tiles, caps = [viz.draw_boxes(raw[i], [boxes[i, j]])], [f"label {cls} (pred {int(pred[i])})"]
                 for m, exp in results.items():
-                    tiles.append(viz.overlay(raw[i], exp.maps[i, j], boxes=[boxes[i, j]]))
+                    tiles.append(viz.draw_boxes(blend(raw[i], exp.maps[i, j]), [boxes[i, j]]))
                     caps.append(m)
                 name = f"{set_name.replace(' ', '_')}_{i}_class{cls}.png"
                 viz.save_png(viz.labeled_row(tiles, caps), out / name)
@@ -73,7 +74,7 @@ def build_gallery(out: Path, n_single: int = 4, n_double: int = 2, quiet: bool =
                 if "daam" in results and results["daam"].flow is not None:
                     flow = results["daam"].flow[i, j]
                     flow_name = name.replace(".png", "_daam_flow.png")
-                    viz.save_png(viz.labeled_row([viz.overlay(raw[i], flow[b]) for b in range(flow.shape[0])],
+                    viz.save_png(viz.labeled_row([blend(raw[i], flow[b]) for b in range(flow.shape[0])],
                                                  [f"block {b}" for b in range(flow.shape[0])]), out / flow_name)
                 rows.append((set_name, i, cls, int(pred[i]), name, flow_name))
     bar.close()

@@ -1,31 +1,9 @@
-"""Figures at the visualisation edge: heatmap overlays, method grids, DAAM flow strips (uint8 RGB numpy arrays)."""
+"""Figures at the visualisation edge: method grids, DAAM flow strips, boxes (uint8 RGB numpy arrays). The heatmap
+overlay itself is `vitx_fast.imaging.blend` (public: `vx.overlay`)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
-
-from vitx_fast.postprocess import normalize, upsample
-
-
-def colormap(values: np.ndarray, name: str = "jet") -> np.ndarray:
-    """values in [0, 1], (H, W) -> (H, W, 3) uint8."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps[name]
-    return (cmap(np.clip(values, 0, 1))[..., :3] * 255).astype(np.uint8)
-
-
-def overlay(image: np.ndarray, grid_map: torch.Tensor, alpha: float = 0.5, boxes=None) -> np.ndarray:
-    """image (H, W, 3) uint8; grid_map (h, w) raw map -> (H, W, 3) uint8 overlay, map min-max normalised and
-    bilinearly upsampled to the image. boxes: optional iterable of (x0, y0, x1, y1) drawn in white."""
-    H, W = image.shape[:2]
-    m = upsample(normalize(grid_map.detach().double()[None]), (H, W))[0].cpu().numpy()
-    heat = colormap(m)
-    out = (alpha * heat + (1 - alpha) * image.astype(np.float64)).round().clip(0, 255).astype(np.uint8)
-    if boxes is not None:
-        out = draw_boxes(out, boxes)
-    return out
 
 
 def draw_boxes(image: np.ndarray, boxes, color=(255, 255, 255)) -> np.ndarray:

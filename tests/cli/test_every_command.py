@@ -64,8 +64,8 @@ def test_demo_bench_train_tame_export_info(tmp_path, capsys):
     code, out, err = vitx(["demo", "--out", tmp_path / "g", "--n", "2", "--n-double", "0", "--quiet"], capsys)
     assert code == 0 and (tmp_path / "g" / "index.html").is_file(), err
     code, out, err = vitx(["bench", "--model", "vit_tiny_patch16_224", "--batch", "1", "--img-size", "32", "--method",
-                           "rollout", "--backend", "fused", "--reps", "1", "--no-peers", "--out", tmp_path / "b",
-                           "--quiet"], capsys)
+                           "rollout", "--backend", "fused", "--reps", "1", "--no-peers", "--no-memory", "--out",
+                           tmp_path / "b", "--quiet"], capsys)
     assert code == 0 and (tmp_path / "b" / "bench.csv").read_text().count("rollout") >= 1, err
     code, out, err = vitx(["train-tame", "--data", "bench", "--bench-n", "4", "--epochs", "1", "--batch-size", "2",
                            "--out", tmp_path / "t", "--quiet"], capsys)

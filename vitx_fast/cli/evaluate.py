@@ -1,6 +1,7 @@
 """`vitx evaluate`: every method on every metric, on the bundled benchmark or a VOC folder."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from vitx_fast.cli._common import CLIError, ensure_writable, load_model, parse_methods
@@ -11,7 +12,8 @@ def add_parser(sub):
     v.add_argument("--model", default="demo", help="'demo' (bundled) or a timm model name")
     v.add_argument("--checkpoint", help="local weights for --model")
     v.add_argument("--random-weights", action="store_true", help="a timm model without pretrained weights")
-    v.add_argument("--method", "--methods", dest="methods", nargs="+", help="methods (default: all)")
+    v.add_argument("--method", dest="methods", nargs="+", help="method names, or 'all' (default: all)")
+    v.add_argument("--methods", dest="methods", nargs="+", help=argparse.SUPPRESS)  # the older spelling
     v.add_argument("--data", default="bundled", help="'bundled' or an ImageNet-style folder with VOC XML boxes")
     v.add_argument("--metrics", nargs="+", default=["localization", "abpc", "adic", "road", "insertion_deletion"])
     v.add_argument("--n", type=int, default=100, help="bundled images per variant")

@@ -1,6 +1,7 @@
 """`vitx export`: write the model and an explanation method as one ONNX graph."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def add_parser(subparsers):
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. head_fusion=max or explainer=tame.safetensors (repeatable)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 20)")
-    p.add_argument("--static-batch", type=int, default=None, metavar="B", help="a fixed batch size instead of a "
-                                                                              "dynamic one")
+    p.add_argument("--batch-size", dest="static_batch", type=int, default=None, metavar="B",
+                   help="a fixed batch size B instead of a dynamic batch (default: dynamic)")
+    p.add_argument("--static-batch", dest="static_batch", type=int, help=argparse.SUPPRESS)  # the older spelling
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.set_defaults(func=cmd_export)
     return p

@@ -1,7 +1,6 @@
 """`vitx render`: overlays and a grid per image from a result store, drawn on the original image."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -25,41 +24,11 @@ def add_parser(sub):
     r.set_defaults(func=cmd_render)
 
 
-def model_view(width: int, height: int, cfg: dict | None) -> tuple[float, float, float, float]:
-    """The region (x0, y0, x1, y1) of the original image that timm's eval transform of `cfg` shows the model (it may
-    reach past the image for crop_mode 'border'); the whole image when the data config is unknown."""
-    if not cfg:
-        return 0.0, 0.0, float(width), float(height)
-    h_in, w_in = cfg["input_size"][-2:]
-    pct = cfg.get("crop_pct") or 0.875
-    sh, sw = math.floor(h_in / pct), math.floor(w_in / pct)
-    mode = cfg.get("crop_mode") or "center"
-    if mode == "squash":
-        sx, sy = sw / width, sh / height
-    else:  # center: the shorter edge to the scale size; border: the longer edge
-        s = min(sw / width, sh / height) if mode == "border" else max(sw / width, sh / height)
-        sx = sy = s
-    cw, ch = w_in / sx, h_in / sy
-    return (width - cw) / 2, (height - ch) / 2, (width + cw) / 2, (height + ch) / 2
-
-
-def draw(image: np.ndarray, grid_map: np.ndarray, region, alpha: float) -> np.ndarray:
+def draw(image: np.ndarray, grid_map, region, alpha: float) -> np.ndarray:
     """image (H, W, 3) uint8, grid_map (h, w) -> the overlay on the model's region of the image (H, W, 3) uint8."""
-    import torch
+    from vitx_fast.imaging import blend
 
-    from vitx_fast import viz
-
-    H, W = image.shape[:2]
-    x0, y0, x1, y1 = (round(v) for v in region)
-    canvas_w, canvas_h = max(1, x1 - x0), max(1, y1 - y0)
-    # the region on a canvas of its own (it may reach past the image), then the part inside the image pasted back
-    canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
-    ix0, iy0, ix1, iy1 = max(0, x0), max(0, y0), min(W, x1), min(H, y1)
-    canvas[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = image[iy0:iy1, ix0:ix1]
-    over = viz.overlay(canvas, torch.tensor(np.array(grid_map, np.float32)), alpha=alpha)
-    out = image.copy()
-    out[iy0:iy1, ix0:ix1] = over[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]
-    return out
+    return blend(image, np.asarray(grid_map, np.float32), alpha=alpha, region=region)
 
 
 def safe_relpath(key: str) -> str:
@@ -92,6 +61,7 @@ def render_store(store: str, out: str, methods=None, images=None, limit=None, ma
     """Draw the store; returns (images drawn, problems)."""
     from vitx_fast import viz
     from vitx_fast.data.images import ImageDecodeError, save_image
+    from vitx_fast.imaging import model_view
     from vitx_fast.jobs import read_results
     from vitx_fast.jobs.store import read_manifest
 

@@ -6,6 +6,7 @@ model and check methods and target against it -> skip the units the store holds 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import sys
 import time
 import uuid
@@ -15,6 +16,8 @@ from vitx_fast.jobs.inputs import discover
 from vitx_fast.jobs.spec import JobSpec, JobSpecError, check_model
 from vitx_fast.jobs.store import Store, StoreError, now_iso
 from vitx_fast.jobs.writer import ShardWriter
+
+RAY_MISSING = "the ray executor needs Ray Data: pip install 'vitx-fast[ray]'"
 
 
 @dataclass
@@ -68,6 +71,8 @@ def run(spec: JobSpec, progress: bool = True, on_progress=None) -> JobResult:
 
     t0 = time.perf_counter()
     plans = spec.validate()
+    if spec.executor == "ray" and importlib.util.find_spec("ray") is None:  # before the store is opened
+        raise JobSpecError(RAY_MISSING)
     job_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
     notes: list[str] = []
     with Store.open(spec.store, job_id, {"command": " ".join(sys.argv[:1] + sys.argv[1:])[:500]}) as store:
@@ -138,7 +143,7 @@ def _execute(spec, plans, job_id, model, data_config, pending, writer, step) -> 
         try:
             from vitx_fast.jobs.ray_executor import run_ray
         except ImportError:
-            raise JobSpecError("the ray executor needs Ray Data: pip install 'vitx-fast[ray]'") from None
+            raise JobSpecError(RAY_MISSING) from None
         del model  # each actor loads its own
         run_ray(spec, plans, job_id, data_config, pending, writer, step)
     else:

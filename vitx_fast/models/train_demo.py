@@ -143,7 +143,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
     ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batch-size", dest="batch", type=int, default=128)
+    ap.add_argument("--batch", dest="batch", type=int, help=argparse.SUPPRESS)  # the older spelling
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--wd", type=float, default=0.05)
     ap.add_argument("--warmup", type=int, default=300)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import vitx_fast as vx
-from vitx_fast.data.images import ImageDecodeError, display_image, make_transform, read_image
+from vitx_fast.data.images import ImageDecodeError, make_transform, read_image
 from vitx_fast.engine.targets import top_k
 from vitx_fast.models.loading import load_model, model_identity
 
@@ -238,17 +238,13 @@ class ServingModel:
         }
 
     def overlay_png(self, item: Prepared, result: dict) -> bytes:
-        """The first target's map over the original image (the model's crop region), as PNG bytes."""
+        """The first target's map over the original image at its own size (on the region the model saw), as PNG
+        bytes (`vx.overlay`)."""
         import io
 
-        from PIL import Image
+        from vitx_fast.imaging import overlay
 
-        from vitx_fast import viz
-
-        shown = display_image(item.original, self.data_config)
-        png = Image.fromarray(viz.overlay(shown, result["maps_tensor"][0]))
-        w, h = item.original.size
-        png = png.resize((w, h), Image.BILINEAR) if self.data_config.get("crop_pct", 1.0) in (None, 1.0) else png
+        png = overlay(item.original, result["maps_tensor"][0], config=self.data_config)[0]
         buf = io.BytesIO()
         png.save(buf, format="PNG")
         return buf.getvalue()
