@@ -7,7 +7,7 @@ import textwrap
 import pytest
 from utils import AUTO_FAST_BACKEND
 
-SCRIPT = textwrap.dedent("""
+PRELUDE = textwrap.dedent("""
     import json, sys
     import torch
     torch.set_num_threads(1)
@@ -25,6 +25,9 @@ SCRIPT = textwrap.dedent("""
 
     def rss_mb():
         return status_mb("VmHWM")
+""")
+
+SCRIPT = PRELUDE + textwrap.dedent("""
 
     # 512 px, patch 16: N = 1024 patches, T = 1025 tokens; tiny width so that only the token-count terms matter
     model = VisionTransformer(img_size=512, patch_size=16, embed_dim=16, depth=2, num_heads=2, num_classes=5).eval()
@@ -64,24 +67,7 @@ def test_reciprocam_fast_path_memory_and_release():
 # ------------------------------------------------------------------------------ memory budget, per method
 # One fresh process per method; the peak RSS (VmHWM) is reset before each measured call. A tiny width with many
 # tokens (T = 401) so that the (T, T) and per-token terms dominate; 32 images.
-BUDGET_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import torch
-    torch.set_num_threads(1)
-    from timm.models.vision_transformer import VisionTransformer
-    import vitx_fast as vx
-
-    def status_mb(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-    def reset_peak():
-        # Linux: "5" resets the peak RSS (VmHWM) to the current RSS, so an earlier spike cannot hide a later peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-    def rss_mb():
-        return status_mb("VmHWM")
+BUDGET_SCRIPT = PRELUDE + textwrap.dedent("""
 
     method, budgets = sys.argv[1], sys.argv[2:]
     torch.manual_seed(0)

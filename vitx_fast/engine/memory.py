@@ -92,8 +92,9 @@ def choose(modes: dict[str, int], batch: int, budget: float) -> MemoryPlan:
         raise ValueError("choose: an implementation must state at least one memory mode")
     for mode, per in modes.items():
         if per <= budget:
-            chunk = batch if per <= 0 or budget == math.inf else min(batch, int(budget // per))
-            return MemoryPlan(mode, max(chunk, 1), budget, per)
+            chunk = batch if per <= 0 or budget == math.inf else max(1, min(batch, int(budget // per)))
+            chunk = -(-batch // -(-batch // chunk))  # equal chunks (8 at most 7 -> 4 + 4, not 7 + 1)
+            return MemoryPlan(mode, chunk, budget, per)
     mode, per = list(modes.items())[-1]
     return MemoryPlan(mode, 1, budget, per, fits=False)
 
