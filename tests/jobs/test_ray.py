@@ -57,7 +57,7 @@ def test_two_node_cluster_survives_a_killed_actor(scenes, local_store, tmp_path)
         os.kill(actors[0].pid, signal.SIGKILL)  # a worker crash, mid-job
         killed.append((actors[0].actor_id, actors[0].node_id))
 
-    with deadline(300, "two-node ray job"), loopback_only():
+    with deadline(600, "two-node ray job"), loopback_only():
         # two nodes of two logical CPUs; an actor takes 1.5, so the pool needs both nodes, and Ray Data's decode
         # tasks (half a CPU each) keep room beside it: actors that took every CPU would starve them
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
