@@ -564,7 +564,7 @@ def run(models: Sequence[str] = (DEFAULT_MODEL,), batches: Sequence[int] = (DEFA
                     status = "skipped" if "skipped" in c.note else "unsupported"
                     group.append((None, base(c, status=status)))
             if memory:
-                fwd_peak = math.nan
+                fwd_peak, w = math.nan, weights_mb(model)
                 for c, r in group:
                     if r.status != "ok":
                         continue
@@ -580,7 +580,6 @@ def run(models: Sequence[str] = (DEFAULT_MODEL,), batches: Sequence[int] = (DEFA
                     if c is not None and c.kind == "method" and r.peak_mb == r.peak_mb and fwd_peak == fwd_peak:
                         # the forward's peak counts the weights it reads: (W + peak) <= 2 (W + fwd) + margin,
                         # the rule of the default memory budget (vitx_fast.engine.memory.default_budget)
-                        w = weights_mb(model)
                         ok = w + r.peak_mb <= 2 * (w + fwd_peak) + MEM_TARGET_EXTRA_MB
                         r.mem_target_ok = "yes" if ok else "no"
             rows += [r for _, r in group]
@@ -590,7 +589,9 @@ def run(models: Sequence[str] = (DEFAULT_MODEL,), batches: Sequence[int] = (DEFA
 
 
 def weights_mb(model) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    from vitx_fast.engine.memory import weights_bytes
+
+    return weights_bytes(model) / 2**20
 
 
 # ---------------------------------------------------------------- output

@@ -59,12 +59,16 @@ def forward_peak_bytes(adapter, batch: int, tokens: int) -> int:
     return batch * tokens * per_token * element_size(adapter.dtype)
 
 
+def weights_bytes(model) -> int:
+    """Bytes of the model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def default_budget(adapter, batch: int, tokens: int) -> int:
     """The budget of `memory_budget=None` (bytes): the weights, twice a plain forward's activation peak of the batch,
     and DEFAULT_MARGIN. Peak resident memory = the process's baseline (at least the weights) + the method's working
     memory <= 2 x (baseline + one forward's activations) + DEFAULT_MARGIN = 2 x a plain forward's peak + the margin."""
-    weights = sum(p.numel() * p.element_size() for p in adapter.model.parameters())
-    return weights + 2 * forward_peak_bytes(adapter, batch, tokens) + DEFAULT_MARGIN
+    return weights_bytes(adapter.model) + 2 * forward_peak_bytes(adapter, batch, tokens) + DEFAULT_MARGIN
 
 
 @dataclass
