@@ -5,10 +5,11 @@
     nice python benchmarks/bench_ops.py --compare benchmarks/results/ops.csv   # ratios to the last recorded run
 
 Sizes: B=8, L=12, H=12, T=197, d=64; masked_variant_attention with N=196 variants of the 14x14 Gaussian ReciproCAM table
-(CLS + up to 9 patches active), padded to A=11. Every backend's result is checked against the reference before it is
-timed. Appends to benchmarks/results/ops.csv and rewrites benchmarks/results/ops.md with this run and the verdict
-"cpp beats torch" per op, which is what `CPP_DEFAULT` in vitx_fast/ops/<op>.py must say. Without a GPU the CPU
-backends still run, and the script says so.
+(CLS + up to 9 patches active), padded to A=11; safe_divide at the (P, K, Q) of the LRP fast path's divisions
+(SAFE_DIVIDE_SHAPES). Every backend's result is checked against the reference before it is timed. Appends to
+benchmarks/results/ops.csv and rewrites benchmarks/results/ops.md with this run and the verdict "cpp beats torch" per
+op (in every dtype, shape and thread count), which is what `CPP_DEFAULT` in vitx_fast/ops/<op>.py must say. Without a
+GPU the CPU backends still run, and the script says so.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ from vitx_fast import _ext
 
 B, L, H, T, D_HEAD = 8, 12, 12, 197, 64
 GRID, P, A = (14, 14), 1, 11
+# (P, K, Q) of the LRP fast path's safe_divide on ViT-B/16 at batch 8 with K classes: the fc1 output (197 x 3072), the
+# block width (197 x 768, one and three classes), attention probabilities (B*H = 96 rows of 197 x 197) and per-head
+# values (197 x 64)
+SAFE_DIVIDE_SHAPES = [(8, 1, 197 * 3072), (8, 1, 197 * 768), (8, 3, 197 * 768), (96, 1, 197 * 197), (96, 3, 197 * 64)]
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -49,7 +54,12 @@ def gaussian_table(dtype: torch.dtype):
     return idx, m, valid, log_nz
 
 
-def make_case(op: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def op_shapes(op: str) -> list:
+    """The shapes an op is timed at: SAFE_DIVIDE_SHAPES for safe_divide, the one ViT-B/16 case (None) otherwise."""
+    return SAFE_DIVIDE_SHAPES if op == "safe_divide" else [None]
+
+
+def make_case(op: str, dtype: torch.dtype, device: torch.device, shape=None, seed: int = 0):
     """(args, bytes moved by a fused kernel: inputs read once + output written)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -62,6 +72,12 @@ def make_case(op: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
         args = [randn(B, N, H, D_HEAD, scale=0.5), randn(B, T, H, D_HEAD), randn(B, T, H, D_HEAD), idx, m, valid,
                 log_nz, randn(H, D_HEAD), randn(H, D_HEAD)]
         moved = nbytes(*args) + nbytes(args[0])  # out has the shape of q
+    elif op == "safe_divide":
+        Pn, K, Q = shape
+        a, b = randn(Pn, K, Q), randn(Pn, Q)
+        b[:, ::7] = 0  # masked entries, as where LRP's denominators vanish
+        args = [a, b]
+        moved = nbytes(a, b, a)  # out has the shape of a
     elif op == "agcam_epilogue":
         args = [randn(B, L, H, D_HEAD), randn(B, L, H, T, D_HEAD), randn(B, L, H, T, scale=3.0)]
         moved = nbytes(*args) + B * T * args[0].element_size()
@@ -72,7 +88,9 @@ def make_case(op: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
     return args, moved
 
 
-def shape_str(op: str) -> str:
+def shape_str(op: str, shape=None) -> str:
+    if op == "safe_divide":
+        return "P{}-K{}-Q{}".format(*shape)
     if op == "masked_variant_attention":
         return f"B{B}-N{GRID[0] * GRID[1]}-A{A}-H{H}-T{T}-d{D_HEAD}"
     return f"B{B}-L{L}-H{H}-T{T}-d{D_HEAD}"
@@ -97,8 +115,8 @@ def run(ops_wanted, impls_wanted, dtypes, devices, threads, warmup, rep) -> list
         for device in devices:
             for op in ops_wanted:
                 fn = getattr(ops, op)
-                for dtype in dtypes:
-                    args, moved = make_case(op, dtype, device)
+                for dtype, shape in ((d, s) for d in dtypes for s in op_shapes(op)):
+                    args, moved = make_case(op, dtype, device, shape)
                     expected = fn(*args, kernels="reference")
                     impls = ["reference"] + [i for i in impls_for(device, impls_wanted) if i != "reference"]
                     for impl in impls[1:]:
@@ -108,18 +126,18 @@ def run(ops_wanted, impls_wanted, dtypes, devices, threads, warmup, rep) -> list
                     ref_ms = timed["reference"]["ms_p50"]
                     for impl, t in timed.items():
                         rows.append({"op": op, "backend": impl, "dtype": str(dtype).replace("torch.", ""),
-                                     "shape": shape_str(op), **{k: f"{v:.4f}" for k, v in t.items()},
+                                     "shape": shape_str(op, shape), **{k: f"{v:.4f}" for k, v in t.items()},
                                      "gbps": f"{moved / t['ms_p50'] / 1e6:.3f}",
                                      "speedup_vs_reference": f"{ref_ms / t['ms_p50']:.3f}", "device": device.type,
                                      **ctx})
-                        print(f"{device.type:>4} {n_threads}T {op:<25} {rows[-1]['dtype']:<8} {impl:<9} "
-                              f"{t['ms_p50']:9.2f} ms (p20 {t['ms_p20']:.2f}, p80 {t['ms_p80']:.2f})  "
+                        print(f"{device.type:>4} {n_threads}T {op:<25} {rows[-1]['dtype']:<8} {rows[-1]['shape']:<24} "
+                              f"{impl:<9} {t['ms_p50']:9.2f} ms (p20 {t['ms_p20']:.2f}, p80 {t['ms_p80']:.2f})  "
                               f"x{ref_ms / t['ms_p50']:.2f} vs reference", flush=True)
     return rows
 
 
 def verdict(rows: list[dict]) -> dict[str, bool]:
-    """op -> the cpp kernel is faster than torch for every dtype and thread count measured on CPU."""
+    """op -> the cpp kernel is faster than torch for every dtype, shape and thread count measured on CPU."""
     out: dict[str, bool] = {}
     for r in rows:
         if r["backend"] == "cpp" and r["device"] == "cpu":
@@ -148,13 +166,14 @@ def write_markdown(rows: list[dict], path: Path, compare: dict | None) -> None:
         "output written.",
         "",
         f"Sizes: ViT-B/16 at 224 - B={B}, L={L}, H={H}, T={T}, d={D_HEAD}; masked_variant_attention with N=196 "
-        f"variants (14x14 Gaussian table, A={A}).",
+        f"variants (14x14 Gaussian table, A={A}); safe_divide at the (P, K, Q) of the LRP fast path's divisions at "
+        "B=8 (fc1 output, block width with 1 and 3 classes, attention probabilities, per-head values).",
         "",
         markdown_table(rows, extra),
         "",
         "## cpp beats torch?",
         "",
-        "| op | cpp faster on CPU (all dtypes and thread counts) | CPP_DEFAULT in vitx_fast/ops/<op>.py |",
+        "| op | cpp faster on CPU (all dtypes, shapes and thread counts) | CPP_DEFAULT in vitx_fast/ops/<op>.py |",
         "|---|---|---|",
     ]
     lines += [f"| {op} | {'yes' if win else 'no'} | {defaults.get(op)} |" for op, win in wins.items()]

@@ -116,12 +116,12 @@ def latest(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def markdown_table(rows: list[dict], extra: dict[str, list[str]] | None = None) -> str:
-    head = ["op", "dtype", "threads", "backend", "ms p50", "ms p20-p80", "GB/s", "speedup vs reference"]
+    head = ["op", "shape", "dtype", "threads", "backend", "ms p50", "ms p20-p80", "GB/s", "speedup vs reference"]
     extra = extra or {}
     head += list(extra)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, r in enumerate(rows):
-        cells = [r["op"], r["dtype"], r["threads"], r["backend"], f"{float(r['ms_p50']):.2f}",
+        cells = [r["op"], r["shape"], r["dtype"], r["threads"], r["backend"], f"{float(r['ms_p50']):.2f}",
                  f"{float(r['ms_p20']):.2f}-{float(r['ms_p80']):.2f}", f"{float(r['gbps']):.2f}",
                  f"{float(r['speedup_vs_reference']):.2f}x"]
         cells += [col[i] for col in extra.values()]

@@ -12,6 +12,7 @@
 #include "common/dispatch.h"
 #include "daam_block_maps/daam_block_maps.h"
 #include "masked_variant_attention/masked_variant_attention.h"
+#include "safe_divide/safe_divide.h"
 
 namespace py = pybind11;
 using vitx::check_contiguous;
@@ -27,7 +28,7 @@ static py::dict build_info() {
   d["openmp"] = false;
 #endif
   d["cuda"] = false;
-  d["ops"] = py::make_tuple("masked_variant_attention", "agcam_epilogue", "daam_block_maps");
+  d["ops"] = py::make_tuple("masked_variant_attention", "agcam_epilogue", "daam_block_maps", "safe_divide");
   return d;
 }
 
@@ -126,6 +127,36 @@ static void daam_block_maps(py::array a, py::array v, py::array g, py::array out
   });
 }
 
+// Whether two C-contiguous arrays share any byte.
+static bool overlaps(const py::array& x, const py::array& y) {
+  if (x.nbytes() == 0 || y.nbytes() == 0) return false;
+  const char* x0 = static_cast<const char*>(x.data());
+  const char* y0 = static_cast<const char*>(y.data());
+  return x0 < y0 + y.nbytes() && y0 < x0 + x.nbytes();
+}
+
+static void safe_divide(py::array a, py::array b, py::array out, int num_threads) {
+  const char* op = "safe_divide";
+  check_shape(op, "a", a, "(P, K, Q)", {-1, -1, -1});
+  const py::ssize_t P = a.shape(0), K = a.shape(1), Q = a.shape(2);
+  check_shape(op, "b", b, "(P, Q)", {P, Q});
+  check_shape(op, "out", out, "(P, K, Q)", {P, K, Q});
+  check_same_dtype(op, "b", b, "a", a);
+  check_same_dtype(op, "out", out, "a", a);
+  for (auto [name, arr] : {std::pair<const char*, py::array*>{"a", &a}, {"b", &b}, {"out", &out}})
+    check_contiguous(op, name, *arr);
+  vitx::check_writeable(op, "out", out);
+  // in place is fine (each element reads a only at its own index); writing into b (read for every k) or into a
+  // shifted alias of a would change inputs not yet read
+  VITX_CHECK(!overlaps(out, b), std::string(op) + ": out must not overlap b");
+  VITX_CHECK(out.data() == a.data() || !overlaps(out, a),
+             std::string(op) + ": out must be a itself or not overlap it");
+  VITX_DISPATCH_FLOAT(op, "a", a, [&] {
+    py::gil_scoped_release release;
+    vitx::safe_divide_cpu<scalar_t>(cptr<scalar_t>(a), cptr<scalar_t>(b), mptr<scalar_t>(out), P, K, Q, num_threads);
+  });
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vitx-fast native kernels";
   m.def("build_info", &build_info, "How the native module was built.");
@@ -137,4 +168,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("num_threads") = 0, "AGCAM epilogue sum_{l,h} ReLU(<delta, v_t>) sigmoid(s_t), written into out (B, T).");
   m.def("daam_block_maps", &daam_block_maps, py::arg("a"), py::arg("v"), py::arg("g"), py::arg("out"),
         py::arg("num_threads") = 0, "DAAM block maps ReLU(sum_h a_t <v_t, g>), written into out (B, L, T).");
+  m.def("safe_divide", &safe_divide, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("num_threads") = 0,
+        "LRP safe division a / (b + 1e-9) * (b != 0), b (P, Q) broadcast over K, written into out (P, K, Q); out may "
+        "be a.");
 }

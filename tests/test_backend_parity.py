@@ -166,7 +166,7 @@ def test_default_dispatch_order(native, monkeypatch):
     fast = "cpp" if native else "fused"
     model = make_vit("plain", dtype=torch.float32)
     x = make_images(model, 1).float()
-    expect = {"reciprocam": fast, "daam": fast, "agcam": "fused", "gae": "fused", "lrp": "fused", "rollout": "fused",
+    expect = {"reciprocam": fast, "daam": fast, "agcam": "fused", "gae": "fused", "lrp": fast, "rollout": "fused",
               "grad_rollout": "fused"}
     for method, backend in expect.items():
         assert vx.explain(model, x, method=method).backend == backend, method

@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
+import vitx_fast as vx
 from vitx_fast import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +153,53 @@ def test_bench_explainers_script_writes_csv_and_md(no_openvino, tmp_path, capsys
                                             "reciprocam"}
     assert all(float(r["median_ms"]) > 0 for r in table if r["status"] == "ok")
     assert (tmp_path / "explainers.md").read_text().startswith("# Explainer benchmark")
+
+
+def _product_macs(model, x, method):
+    """MACs of the 2-D matrix products (aten.mm / addmm: Linear layers and folded matmuls) and of the batched ones
+    (aten.bmm: the attention matmuls) of one explanation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class Count(TorchDispatchMode):
+        mm = bmm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (aten.mm.default, aten.addmm.default):
+                a, b = (args[0], args[1]) if func is aten.mm.default else (args[1], args[2])
+                Count.mm += a.shape[0] * a.shape[1] * b.shape[1]
+            elif func is aten.bmm.default:
+                Count.bmm += args[0].shape[0] * args[0].shape[1] * args[0].shape[2] * args[1].shape[2]
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        vx.explain(model, x, method=method, backend="fused")
+    return Count.mm, Count.bmm
+
+
+def test_lrp_floor_is_the_fast_paths_products_less_what_the_map_does_not_need():
+    """The floor's Linear products are exactly the fast path's after its forward, less those it computes for the
+    relevance sums and the head (block 0's qkv z+ products, and the head's products); its attention products are at
+    most the fast path's (which also recomputes the probabilities and the matmul denominators): a lower bound."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=(32, 24), patch_size=8, depth=3, embed_dim=32,
+                              num_heads=2, num_classes=5).eval()
+    B, T, D, C, hidden, L = 2, 1 + 4 * 3, 32, 5, 4 * 32, 3
+    x = torch.randn(B, 3, 32, 24)
+    shapes = bench.lrp_floor_products(model, B)
+    lin = sum(m * k * n for g, m, k, n in shapes if g == 1)
+    att = sum(g * m * k * n for g, m, k, n in shapes if g > 1)
+    fast_mm, fast_bmm = _product_macs(model, x, "lrp")
+    per_row = 3 * D * D + D * D + 2 * D * hidden
+    forward = (L - 1) * B * T * per_row + B * T * 3 * D * D + B * 1 * (per_row - 3 * D * D)
+    assert fast_mm - lin == forward + 3 * (B * T * D * 3 * D) + 6 * (B * D * C)
+    assert 0 < att <= fast_bmm
+    out = bench.lrp_floor_fn(model, x)()  # the timed function runs those products after a forward
+    assert torch.isfinite(out).all()
+
+
+def test_lrp_floor_row_follows_the_lrp_row():
+    model = bench.make_model("demo")
+    cases, _ = bench.build_cases(model, ["lrp"], [None], 2, peers=False, multi_class=False, reference_reps=1,
+                                 reference_max_batch=8)
+    assert [c.label for c in cases] == [bench.AUTOGRAD, "lrp", bench.LRP_FLOOR]

@@ -17,6 +17,8 @@ Used by `vitx bench` and `benchmarks/bench_explainers.py` (both take the flags o
   a method's `peak_ratio_to_forward` and the target "peak <= 2 x a forward + 512 MB" (`mem_target_ok`) can be read.
 - **Rows**: the plain `inference_mode` forward; "autograd fwd+bwd" (an autograd forward and
   `torch.autograd.grad(out[:, top1].sum(), x)` with every parameter frozen), the floor of the gradient methods;
+  "lrp floor: forward + products" (a plain forward, then the matrix products LRP needs after it,
+  `lrp_floor_products`, on random matrices), a lower bound of LRP on the machine;
   every method on the default (automatically chosen) backend, top-1 or every class for the methods that yield
   all classes in one pass (ReciproCAM); GAE with five classes per image; optionally other backends
   (`--backend`, `--reference`); the peers (OpenVINO XAI's ViTReciproCAM, pytorch-grad-cam's GradCAM) when
@@ -52,6 +54,7 @@ NEEDS_TRAINING = ("tame",)  # an explainer trained for the model: not in the def
 MULTI_CLASS = {"gae": "top5"}  # method -> extra row with this target ("gae, 5 classes per image")
 FORWARD = "forward"
 AUTOGRAD = "autograd fwd+bwd"
+LRP_FLOOR = "lrp floor: forward + products"
 PEERS = ("openvino_xai:reciprocam", "pytorch_grad_cam:gradcam")
 PEER_NOTES = {"openvino_xai:reciprocam": "peer: all classes, one image at a time",
               "pytorch_grad_cam:gradcam": "peer: top-1, GradCAM on blocks[-1].norm1 (also computes weight gradients)"}
@@ -92,7 +95,7 @@ class Row:
 
 @dataclass
 class Case:
-    """One timed function. kind: forward | autograd | method | peer."""
+    """One timed function. kind: forward | autograd | lrp_floor | method | peer."""
 
     kind: str
     label: str  # the row's method column
@@ -170,6 +173,65 @@ def autograd_fn(model, x) -> Callable[[], object]:
     return run
 
 
+def lrp_floor_products(model, batch: int) -> list[tuple[int, int, int, int]]:
+    """(G, M, K, N), G products of (M, K) @ (K, N), of every matrix product Chefer LRP's top-1 map needs after the
+    forward (`start_layer` 0; B = batch images of the model's own size, T tokens, r pooled rows, R = r in the top
+    block and T below, H heads of size d), per block from the top down:
+
+    - the gradient to the input through each Linear (qkv, proj, fc1, fc2; block 0: none through its qkv), and through
+      the attention: dA = dO V^T, then (above block 0) dQ = dS K, dK = dS^T Q, dV = A^T dO;
+    - the z+ rule of each Linear, with W = W+ + W- and x = x+ + x-: the denominator x+ W+^T + x- W-^T =
+      (x W^T + |x| |W|^T) / 2 costs one product (x W^T is the forward's), the relevance x+ (S W+) + x- (S W-) two
+      (S W and S |W|); block 0's qkv none (the map reads its attention relevance, which lies above its qkv);
+    - the attention matmuls' gradient x input rules: R_A = A (S V^T), then (above block 0) R_V = V (A^T S),
+      R_Q = Q (S' K), R_K = K (S'^T Q); their denominators A V and Q K^T are the forward's.
+
+    The top block's proj, MLP and query rows are the r pooled rows. Nothing else is counted (no norm, softmax or
+    element-wise step, nothing recomputed), so a plain forward plus these products is a lower bound of the method."""
+    from vitx_fast.engine.adapter import ViTAdapter
+    from vitx_fast.engine.backward import pooled_rows
+
+    a = ViTAdapter(model)
+    T, D, r = a.layout().num_tokens, a.embed_dim, pooled_rows(a)
+    G, d = batch * a.num_heads, a.head_dim
+    out: list[tuple[int, int, int, int]] = []
+    for i in range(a.depth - 1, -1, -1):
+        hidden = model.blocks[i].mlp.fc1.out_features
+        R = r if i == a.depth - 1 else T
+        # Linear products, as (rows, out, in): the gradient and the z+ relevances; the denominators transposed
+        lin = [(batch * R, D, hidden), (batch * R, hidden, D), (batch * R, D, D)]
+        if i > 0:
+            lin += [(batch * T, 2 * D, D), (batch * R, D, D)]  # key and value rows, then the query rows
+        out += [(1, m, k, n) for m, k, n in lin * 3] + [(1, m, n, k) for m, k, n in lin]
+        # attention products: dA and R_A (R x d @ d x T); above block 0 dQ, R_Q (R x T @ T x d), dK, dV, R_K, R_V
+        out += [(G, R, d, T)] * 2
+        if i > 0:
+            out += [(G, R, T, d)] * 2 + [(G, T, R, d)] * 4
+    return out
+
+
+def lrp_floor_fn(model, x) -> Callable[[], object]:
+    """A plain forward of x, then the products of `lrp_floor_products` on preallocated random matrices (torch.mm /
+    torch.bmm into kept outputs), in the model's dtype and device."""
+    g = torch.Generator().manual_seed(0)
+    p = next(model.parameters())
+    shapes = lrp_floor_products(model, x.shape[0])
+    mats = {}
+    for G, m, k, n in shapes:
+        if (G, m, k, n) not in mats:
+            dims = [(m, k), (k, n), (m, n)] if G == 1 else [(G, m, k), (G, k, n), (G, m, n)]
+            mats[G, m, k, n] = tuple(torch.randn(*dm, generator=g).to(p) for dm in dims)
+    seq = [(torch.mm if G == 1 else torch.bmm, *mats[G, m, k, n]) for G, m, k, n in shapes]
+    forward = forward_fn(model, x)
+
+    def run():
+        forward()
+        for mm, a, b, c in seq:
+            mm(a, b, out=c)
+        return seq[-1][3]
+    return run
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
@@ -227,6 +289,8 @@ def case_fn(case: Case | dict, model, x) -> Callable[[], object]:
         return forward_fn(model, x)
     if kind == "autograd":
         return autograd_fn(model, x)
+    if kind == "lrp_floor":
+        return lrp_floor_fn(model, x)
     if kind == "method":
         import vitx_fast as vx
 
@@ -479,6 +543,11 @@ def build_cases(model, methods: Sequence[str], backends: Sequence[str | None], b
                 if c.resolved == "reference":
                     c.reps = reference_reps
                 cases.append(c)
+                if method == "lrp" and backend is None:
+                    cases.append(Case("lrp_floor", LRP_FLOOR, backend="torch", resolved="torch",
+                                      note="lower bound of lrp: a plain forward, then only the matrix products the "
+                                           "map needs (gradient, z+ denominators and relevances, attention "
+                                           "rules; bench.lrp_floor_products)"))
     if peers:
         for key in PEERS:
             lib, meth = key.split(":")
@@ -492,7 +561,7 @@ def build_cases(model, methods: Sequence[str], backends: Sequence[str | None], b
 def _row(where: dict, c: Case | None, **kw) -> Row:
     r = Row(method=c.label if c else FORWARD, **where)
     if c:
-        r.target = c.target or ("top1" if c.kind in ("method", "autograd", "peer") else "")
+        r.target = c.target or ("top1" if c.kind in ("method", "autograd", "lrp_floor", "peer") else "")
         r.backend, r.requested_backend, r.note = c.resolved, c.backend or "auto", c.note
     for k, v in kw.items():
         setattr(r, k, v)

@@ -319,4 +319,98 @@ MVA = OpSpec(
     grad_arg=0,
     strided_shape=(2, 17, 3, 7, 6, 12),
 )
-SPECS = {s.name: s for s in (MVA, AGCAM, DAAM)}
+
+
+# ---------------------------------------------------------------------------------------------------- safe_divide
+def safe_divide_inputs(P, K, Q, dtype=torch.float64, seed=0):
+    """Relevance-like numerators and denominators of both signs; every third entry of b exactly 0 (the masked entries
+    of LRP's safe_divide, the same value in every dtype) so both sides of the mask are taken."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(P, K, Q, generator=gen, dtype=torch.float64)
+    b = torch.randn(P, Q, generator=gen, dtype=torch.float64)
+    b.view(-1)[::3] = 0
+    return [x.to(dtype) for x in (a, b)]
+
+
+def pkq_random_shape(seed):
+    """Seeded random (P, K, Q) and dtype: K = 1 (one class) to 5, Q from 1 past the kernels' blocks (1024, 4096)."""
+    rng = random.Random(seed)
+    shape = (rng.randint(1, 6), rng.choice([1, 1, 2, 3, 5]), rng.choice([1, 7, rng.randint(1, 300), 1025, 4099]))
+    return shape, rng.choice([torch.float32, torch.float64])
+
+
+def _safe_divide_strided(args):
+    """a as a permuted copy viewed back as (P, K, Q); b as the even entries of a (P, Q, 2) tensor, odd ones NaN."""
+    a, b = args
+    wide = torch.full((*b.shape, 2), float("nan"), dtype=b.dtype)
+    wide[..., 0] = b
+    return [a.permute(1, 0, 2).contiguous().permute(1, 0, 2), wide[..., 0]]
+
+
+def _safe_divide_shape_errors(args):
+    a, b = args
+    return [
+        ((a, b[:, :4]), r"safe_divide: b must have shape \(P, Q\) = \(3, 5\), got \(3, 4\)"),
+        ((a, b[:1]), r"safe_divide: b must have shape \(P, Q\) = \(3, 5\), got \(1, 5\)"),
+        ((a[0], b), r"safe_divide: a must have shape \(P, K, Q\) = \(\?, \?, \?\), got \(2, 5\)"),
+        ((a, b.float()), r"safe_divide: b must have the dtype of a \(torch.float64\), got torch.float32"),
+        ((a.long(), b.long()), "safe_divide: a must be a floating-point tensor"),
+    ]
+
+
+def _safe_divide_binding_errors(args):
+    a, b = args
+    out = torch.empty(3, 2, 5)
+    buf = torch.empty(3 * 5 + 3 * 2 * 5)  # b's memory followed by out's: out shifted onto b
+    b_in_buf = buf[:15].view(3, 5)
+    b_in_buf.copy_(b)
+    abuf = torch.empty(3 * 2 * 5 + 1)  # a and, one element on, out: a shifted alias of a
+    a_in_buf = abuf[:30].view(3, 2, 5)
+    a_in_buf.copy_(a)
+    return [
+        ((a.numpy(), b[:, :4].contiguous().numpy(), out.numpy()),
+         r"safe_divide: b must have shape \(P, Q\) = \(3, 5\), got \(3, 4\)"),
+        ((a.numpy(), np.asfortranarray(b.numpy()), out.numpy()), "safe_divide: b must be C-contiguous"),
+        ((a.half().numpy(), b.half().numpy(), out.half().numpy()),
+         "safe_divide: a must be float32 or float64, got float16"),
+        ((a.numpy(), b.numpy(), out.double().numpy()),
+         r"safe_divide: out must have the dtype of a \(float32\), got float64"),
+        ((a.numpy(), b.numpy(), torch.empty(3, 2, 6).numpy()), r"safe_divide: out must have shape \(P, K, Q\)"),
+        ((a.numpy(), b_in_buf.numpy(), buf[10:40].view(3, 2, 5).numpy()), "safe_divide: out must not overlap b"),
+        ((a_in_buf.numpy(), b.numpy(), abuf[1:].view(3, 2, 5).numpy()),
+         "safe_divide: out must be a itself or not overlap it"),
+    ]
+
+
+def _safe_divide_masks_both_sides(out):
+    assert (out == 0).any() and (out != 0).any()  # b's zeros mask entries out, the others divide
+
+
+def _safe_divide_cuda_args(dtype):
+    """LRP's largest shape on ViT-B/16 (batch 8, 3 classes, 197 tokens x 768 channels), with |b| >= 0.5: in float16
+    1e-9 rounds to 0 (b == 0 gives NaN) and a / small b overflows, neither of which this dispatch check is about."""
+    a, b = safe_divide_inputs(8, 3, 197 * 768)
+    b = torch.where(b >= 0, 0.5 + b.abs(), -0.5 - b.abs())
+    return [a.to(dtype), b.to(dtype)]
+
+
+SAFE_DIVIDE = OpSpec(
+    name="safe_divide",
+    make=lambda shape, dtype=torch.float64, seed=0: safe_divide_inputs(*shape, dtype=dtype, seed=seed),
+    dims="PKQ",
+    # (P, K, Q): K = 1, odd Q, rows split into several blocks of the C++ kernel (Q > 4096) and several Triton programs
+    shapes=[(1, 1, 5), (3, 2, 17), (2, 3, 261), (8, 1, 1000), (1, 1, 20000), (4, 3, 4099)],
+    triton_shapes=[(1, 1, 5), (3, 2, 17), (2, 3, 261), (1, 1, 3000)],
+    random_shape=pkq_random_shape,
+    small=(3, 2, 17),
+    thread_shape=(1, 2, 9000),  # 1, 2 and 3 blocks per row
+    padded=(3, 2, 17),
+    tiny=(1, 2, 5),
+    cuda_args=_safe_divide_cuda_args,
+    strided=_safe_divide_strided,
+    shape_errors=lambda: _safe_divide_shape_errors(safe_divide_inputs(3, 2, 5)),
+    binding_errors=lambda: _safe_divide_binding_errors(safe_divide_inputs(3, 2, 5, dtype=torch.float32)),
+    grad_arg=0,
+    check_output=_safe_divide_masks_both_sides,
+)
+SPECS = {s.name: s for s in (MVA, AGCAM, DAAM, SAFE_DIVIDE)}

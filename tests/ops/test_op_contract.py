@@ -1,5 +1,5 @@
-"""The contract every fused op (masked_variant_attention, agcam_epilogue, daam_block_maps) keeps in every kernel
-family (reference, cpp, triton), written once and parametrised over (op, family) with the op specs of
+"""The contract every fused op (masked_variant_attention, agcam_epilogue, daam_block_maps, safe_divide) keeps in every
+kernel family (reference, cpp, triton), written once and parametrised over (op, family) with the op specs of
 tests/ops/op_specs.py:
 
 - matches the float64 reference within the flash-attention rule (`assert_close_to_baseline`), on fixed and on seeded

@@ -86,3 +86,45 @@ def check_daam_block_maps(a, v, g) -> tuple[int, int, int, int, int]:
     _expect(op, "g", g, "(B, L, H, d)", (B, L, H, d))
     _same_float(op, {"a": a, "v": v, "g": g})
     return B, L, H, T, d
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements occupy (non-negative strides; numel > 0)."""
+    first = t.data_ptr()
+    last = first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1) * t.element_size()
+    return first, last
+
+
+def _overlap(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the memory spans of x and y intersect (conservative for interleaved strided views)."""
+    if x.numel() == 0 or y.numel() == 0 or x.device != y.device:
+        return False
+    (x0, x1), (y0, y1) = _byte_span(x), _byte_span(y)
+    return x0 < y1 and y0 < x1
+
+
+def check_safe_divide(a, b, out=None) -> tuple[int, int, int]:
+    """Returns (P, K, Q). out, when given, is a contiguous (P, K, Q) tensor of a's dtype and device: a itself
+    (in place) or memory that overlaps neither a nor b."""
+    op = "safe_divide"
+    _expect(op, "a", a, "(P, K, Q)", (None, None, None))
+    P, K, Q = a.shape
+    _expect(op, "b", b, "(P, Q)", (P, Q))
+    _same_float(op, {"a": a, "b": b})
+    if out is None:
+        return P, K, Q
+    _expect(op, "out", out, "(P, K, Q)", (P, K, Q))
+    _same_float(op, {"a": a, "out": out})
+    if not out.is_contiguous():
+        raise ValueError(f"{op}: out must be contiguous, got strides {out.stride()}")
+    from vitx_fast.engine.dispatch import tracing  # fake tensors have no memory to compare
+
+    if not tracing([a, b, out]):
+        # each output element reads only a at its own index, so out may be a itself, but not a shifted alias of a,
+        # and never b (b is read at every k)
+        if _overlap(out, b):
+            raise ValueError(f"{op}: out must not overlap b")
+        same_as_a = out.data_ptr() == a.data_ptr() and a.is_contiguous()  # out is contiguous, of a's shape
+        if not same_as_a and _overlap(out, a):
+            raise ValueError(f"{op}: out must be a itself or not overlap it")
+    return P, K, Q

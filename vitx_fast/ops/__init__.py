@@ -4,6 +4,7 @@
     ctx = ops.masked_variant_attention(q, pk, pv, idx, m, valid, log_nz, bk, bv)   # ReciproCAM fast path
     cam = ops.agcam_epilogue(delta, v, s)                                            # AGCAM
     maps = ops.daam_block_maps(a, v, g)                                              # DAAM
+    S = ops.safe_divide(R, Z)                                                        # LRP: R / (Z + 1e-9), Z over K
     ops.last_kernels("agcam_epilogue")   # -> "cpp" | "reference" | "triton"
 
 Each takes `kernels=` ("reference" | "cpp" | "triton") to force one family; see `vitx_fast.ops._kernels`.
@@ -15,8 +16,9 @@ from vitx_fast.ops._kernels import availability, last_kernels, not_supported_rea
 from vitx_fast.ops.agcam_epilogue import agcam_epilogue
 from vitx_fast.ops.daam_block_maps import daam_block_maps
 from vitx_fast.ops.masked_variant_attention import masked_variant_attention
+from vitx_fast.ops.safe_divide import safe_divide
 
-OPS = ("masked_variant_attention", "agcam_epilogue", "daam_block_maps")
+OPS = ("masked_variant_attention", "agcam_epilogue", "daam_block_maps", "safe_divide")
 FAMILIES = tuple(KERNEL_FAMILIES)
 
 
@@ -27,5 +29,5 @@ def cpp_defaults() -> dict[str, bool]:
 
 __all__ = [
     "FAMILIES", "OPS", "agcam_epilogue", "availability", "cpp_defaults", "daam_block_maps", "last_kernels",
-    "masked_variant_attention", "not_supported_reasons", "reset_record",
+    "masked_variant_attention", "not_supported_reasons", "reset_record", "safe_divide",
 ]

@@ -15,6 +15,8 @@ from vitx_fast.methods.lrp.rules import check_precision, chefer_relprop
 
 
 class LRPFast(Implementation):
+    OPS = ("safe_divide",)
+
     def memory_modes(self, adapter, tokens, opts, k):
         # the relevance propagation holds about twice as many per-class tensors as the backward
         return memory_modes(adapter, tokens, 3 * k, keep_outputs=True)
@@ -28,7 +30,7 @@ class LRPFast(Implementation):
         seeds = onehot(cols, gp.logits.shape[-1], gp.logits.dtype)
         P, (h, w) = adapter.num_prefix_tokens, adapter.grid_for(*images.shape[-2:])
         if gp.explicit:
-            r, sums = self._explicit(adapter, gp, seeds, s)
+            r, sums = self._explicit(adapter, gp, seeds, s, kernels)
         else:
             r, sums = self._autograd(adapter, gp, cols, seeds, s)
         maps = r[..., P:].reshape(*cols.shape, h, w)
@@ -38,14 +40,15 @@ class LRPFast(Implementation):
                             extras={"relevance_sums": sums, "gradients": gp.path})
 
     @staticmethod
-    def _explicit(adapter, gp, seeds, s):
-        """Gradients and relevances in one walk; r (B, K, T), sums (B, K, 1 + L - s)."""
+    def _explicit(adapter, gp, seeds, s, kernels=None):
+        """Gradients and relevances in one walk; r (B, K, T), sums (B, K, 1 + L - s). kernels: the family of
+        `ops.safe_divide` (None: by device)."""
         sf, blocks = gp.saved, adapter.model.blocks
         with torch.no_grad():
             R = fused_rules.head(adapter, sf.final_rows, seeds)  # (B, K, r, D)
             sums, r = [R.sum((-2, -1))], None
             for bg in gp.blocks(seeds, stop=s):
-                R, R_A = fused_rules.block(blocks[bg.index], bg.saved, bg.probs, R)
+                R, R_A = fused_rules.block(blocks[bg.index], bg.saved, bg.probs, R, kernels=kernels)
                 sums.append(R.sum((-2, -1)))
                 # (B, K, R, T): relu before the head mean
                 r = row_step_plus_identity(r, (bg.g_probs * R_A.transpose(1, 2)).clamp(min=0).mean(dim=2))
